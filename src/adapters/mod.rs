@@ -1,0 +1,91 @@
+//! Parameter-efficient adapters attached to frozen linear layers. Each method is a value of
+//! [`Adapter`]; the linear layer only asks it for its additive term.
+
+pub mod lora;
+pub mod target;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::models::Ctx;
+pub use lora::{lora_scale, LoraLayer};
+pub use target::TargetModules;
+
+/// LoRA hyper-parameters, PEFT's names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub use_rslora: bool,
+    pub target_modules: TargetModules,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            use_rslora: false,
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::config("rank", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config("dropout", "must be in [0, 1)"));
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(Error::config("alpha", "must be positive"));
+        }
+        Ok(())
+    }
+
+    pub fn scale(&self) -> f64 {
+        lora_scale(self.alpha, self.r, self.use_rslora)
+    }
+}
+
+/// The trainable part attached to one linear layer.
+pub enum Adapter {
+    Lora(LoraLayer),
+}
+
+impl Adapter {
+    /// The additive term for `x` (n, in) → (n, out).
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        match self {
+            Adapter::Lora(l) => {
+                let x = ctx.dropout(x, l.dropout)?;
+                l.delta_forward(&x)
+            }
+        }
+    }
+
+    /// Trainable tensors named as in PEFT's state dict, relative to the layer path.
+    pub fn vars(&self) -> Vec<(&'static str, Var)> {
+        match self {
+            Adapter::Lora(l) => vec![("lora_A.weight", l.a.clone()), ("lora_B.weight", l.b.clone())],
+        }
+    }
+
+    /// The dense update this adapter adds to W (out, in), for merging.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        match self {
+            Adapter::Lora(l) => l.delta_weight(),
+        }
+    }
+
+    pub fn as_lora(&self) -> Option<&LoraLayer> {
+        match self {
+            Adapter::Lora(l) => Some(l),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! What each subcommand does, on top of the library.
+
+use std::path::Path;
+
+use crate::cli::TrainArgs;
+use crate::error::{Error, Result};
+use crate::io;
+use crate::models::generate::generate_greedy;
+use crate::models::Llama;
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    let s = crate::train::trainer::train(&cfg)?;
+    println!(
+        "trained {} steps: loss {:.4} -> {:.4}{} ({:.0} tokens/s); adapter in {}",
+        s.steps,
+        s.first_loss,
+        s.last_loss,
+        match (s.first_val_loss, s.last_val_loss) {
+            (Some(a), Some(b)) => format!(", val loss {a:.4} -> {b:.4}"),
+            _ => String::new(),
+        },
+        s.tokens_per_s,
+        s.out.display()
+    );
+    Ok(())
+}
+
+pub fn convert(model: &str, out: &Path, overwrite: bool) -> Result<()> {
+    let loaded = io::load_model(model)?;
+    let weights = loaded.weights.clone();
+    io::hf::write_hf_dir(&loaded, &weights, out, overwrite)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Loads a model and, when given, attaches an adapter (PEFT directory or run directory).
+pub fn load_with_adapter(model: &str, adapter: Option<&Path>) -> Result<(io::LoadedModel, Llama)> {
+    let loaded = io::load_model(model)?;
+    let cfg = loaded.config.resolve()?;
+    let mut m = Llama::load(&cfg, &loaded.weights)?;
+    if let Some(dir) = adapter {
+        io::peft::load_lora(&mut m, dir)?;
+    }
+    Ok((loaded, m))
+}
+
+pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        return Err(Error::OutputExists(out.to_path_buf()));
+    }
+    let (loaded, m) = load_with_adapter(model, Some(adapter))?;
+    let merged = m.base_weights(true)?;
+    io::hf::write_hf_dir(&loaded, &merged, out, overwrite)?;
+    println!("wrote merged model to {}", out.display());
+    Ok(())
+}
+
+pub fn generate(model: &str, adapter: Option<&Path>, prompts: &[String], alpaca: bool, max_new_tokens: usize) -> Result<()> {
+    if prompts.is_empty() {
+        return Err(Error::config("prompt", "give at least one --prompt"));
+    }
+    let (loaded, m) = load_with_adapter(model, adapter)?;
+    let tok = loaded.tokenizer.as_ref().ok_or_else(|| Error::format(&loaded.path, "no tokenizer found"))?;
+    let texts: Vec<String> = prompts
+        .iter()
+        .map(|p| if alpaca { crate::data::alpaca::eval_prompt(p, None) } else { p.clone() })
+        .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect::<Result<_>>()?;
+    let mut eos = m.cfg.eos_token_ids.clone();
+    eos.extend(tok.eos_id);
+    let outs = generate_greedy(&m, &ids, tok.pad_or_eos(), max_new_tokens, &eos)?;
+    for (t, o) in texts.iter().zip(outs) {
+        println!("{}{}", t, tok.decode(&o)?);
+        println!("---");
+    }
+    Ok(())
+}

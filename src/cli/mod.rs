@@ -1,0 +1,79 @@
+//! Command-line front end: argument parsing and the plan each subcommand runs. `main` only
+//! prints the error chain and picks the exit code.
+
+pub mod commands;
+pub mod train_args;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub use train_args::TrainArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "lora-dash", version, about = "LoRA and LoRA-Dash fine-tuning of Hugging Face models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fine-tune a model with an adapter.
+    Train(TrainArgs),
+    /// Write a GGUF model out as a Hugging Face directory.
+    Convert {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Fold an adapter into the base and write a Hugging Face model directory.
+    Merge {
+        #[arg(long)]
+        model: String,
+        /// PEFT adapter directory or a lora-dash run directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Greedy generation with a KV cache, for quick checks.
+    Generate {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Wrap each prompt in the Alpaca instruction template.
+        #[arg(long)]
+        alpaca: bool,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+}
+
+pub fn run(cli: Cli) -> crate::Result<()> {
+    match cli.command {
+        Command::Train(args) => commands::train(args),
+        Command::Convert { model, out, overwrite } => commands::convert(&model, &out, overwrite),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            overwrite,
+        } => commands::merge(&model, &adapter, &out, overwrite),
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            alpaca,
+            max_new_tokens,
+        } => commands::generate(&model, adapter.as_deref(), &prompt, alpaca, max_new_tokens),
+    }
+}

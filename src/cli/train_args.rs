@@ -1,0 +1,184 @@
+//! `train` options. Every flag is also a key of the TOML run config (`--batch-size` ↔
+//! `batch_size` or `batch-size`); flags override the file; unknown keys are an error.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::adapters::{LoraConfig, TargetModules};
+use crate::error::{Error, IoContext, Result};
+use crate::train::config::{Method, TrainConfig};
+use crate::train::schedule::ScheduleKind;
+
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainArgs {
+    /// Model: Hugging Face directory, .gguf file, or hub id `org/name`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data: JSON / JSONL files of {instruction, input, output} records.
+    #[arg(long, num_args = 1..)]
+    pub data: Option<Vec<PathBuf>>,
+    /// Run directory (adapter, checkpoints, metrics).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// TOML run config; flags given on the command line override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Fine-tuning method: lora.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// LoRA rank r.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --use-rslora).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Dropout on the LoRA input.
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Scale by alpha/sqrt(r) (rsLoRA).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_rslora: Option<bool>,
+    /// Comma list of module names, a regex over module paths, or all-linear.
+    #[arg(long)]
+    pub target_modules: Option<String>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Maximum tokens per example (prompt + response + EOS).
+    #[arg(long)]
+    pub cutoff_len: Option<usize>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Learning-rate schedule after warmup: linear, cosine or constant.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Examples held out for validation.
+    #[arg(long)]
+    pub val_set_size: Option<usize>,
+    /// Validate every N optimizer steps (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N optimizer steps (0: never).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Train on prompt tokens too (false masks the prompt out of the loss).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub train_on_inputs: Option<bool>,
+    /// Use at most N training records.
+    #[arg(long)]
+    pub max_records: Option<usize>,
+    /// Replace an existing run directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite: Option<bool>,
+    /// Continue from a checkpoint directory or the latest checkpoint of a run directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+macro_rules! merge_fields {
+    ($a:ident, $b:ident, $($f:ident),*) => { $( if $a.$f.is_none() { $a.$f = $b.$f.clone(); } )* };
+}
+
+impl TrainArgs {
+    /// Reads a TOML run config; keys may use `-` or `_`.
+    pub fn from_toml(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        let value: toml::Table = toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
+        let normalised: toml::Table = value.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
+        let args: TrainArgs = normalised.try_into().map_err(|e| Error::format(path, format!("{e}")))?;
+        // Relative data paths in the config are relative to the config file.
+        Ok(args)
+    }
+
+    /// Command-line values win; the rest come from `--config` when given.
+    pub fn merged(mut self) -> Result<Self> {
+        if let Some(path) = self.config.clone() {
+            let file = TrainArgs::from_toml(&path)?;
+            merge_fields!(
+                self, file, model, data, out, method, rank, alpha, dropout, use_rslora, target_modules, lr, batch_size, grad_accum,
+                max_steps, epochs, cutoff_len, warmup_steps, schedule, weight_decay, beta1, beta2, adam_eps, max_grad_norm,
+                val_set_size, eval_every, save_every, seed, train_on_inputs, max_records, overwrite, resume
+            );
+        }
+        Ok(self)
+    }
+
+    /// Applies defaults and validates: the one place a run's settings are checked.
+    pub fn resolve(self) -> Result<TrainConfig> {
+        let a = self.merged()?;
+        let method = match a.method.as_deref().unwrap_or("lora") {
+            "lora" => Method::Lora,
+            m => return Err(Error::config("method", format!("unknown method `{m}` (expected lora)"))),
+        };
+        let schedule = match a.schedule.as_deref().unwrap_or("linear") {
+            "linear" => ScheduleKind::Linear,
+            "cosine" => ScheduleKind::Cosine,
+            "constant" => ScheduleKind::Constant,
+            s => return Err(Error::config("schedule", format!("unknown schedule `{s}` (linear, cosine, constant)"))),
+        };
+        let lora = LoraConfig {
+            r: a.rank.unwrap_or(8),
+            alpha: a.alpha.unwrap_or(16.0),
+            dropout: a.dropout.unwrap_or(0.05),
+            use_rslora: a.use_rslora.unwrap_or(false),
+            target_modules: TargetModules::parse(a.target_modules.as_deref().unwrap_or("q_proj,k_proj,v_proj,up_proj,down_proj"))?,
+        };
+        let cfg = TrainConfig {
+            model: a.model.ok_or_else(|| Error::config("model", "is required (--model)"))?,
+            data: a.data.ok_or_else(|| Error::config("data", "is required (--data)"))?,
+            out: a.out.ok_or_else(|| Error::config("out", "is required (--out)"))?,
+            method,
+            lora,
+            lr: a.lr.unwrap_or(3e-4),
+            beta1: a.beta1.unwrap_or(0.9),
+            beta2: a.beta2.unwrap_or(0.999),
+            eps: a.adam_eps.unwrap_or(1e-8),
+            weight_decay: a.weight_decay.unwrap_or(0.0),
+            batch_size: a.batch_size.unwrap_or(4),
+            grad_accum: a.grad_accum.unwrap_or(1),
+            max_steps: a.max_steps,
+            epochs: a.epochs.unwrap_or(1.0),
+            cutoff_len: a.cutoff_len.unwrap_or(256),
+            warmup_steps: a.warmup_steps.unwrap_or(0),
+            schedule,
+            max_grad_norm: a.max_grad_norm.filter(|&g| g > 0.0).or(if a.max_grad_norm.is_some() { None } else { Some(1.0) }),
+            val_set_size: a.val_set_size.unwrap_or(0),
+            eval_every: a.eval_every.unwrap_or(0),
+            save_every: a.save_every.unwrap_or(0),
+            seed: a.seed.unwrap_or(42),
+            train_on_inputs: a.train_on_inputs.unwrap_or(true),
+            overwrite: a.overwrite.unwrap_or(false),
+            resume: a.resume,
+            max_records: a.max_records,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,314 @@
+//! Batching for causal-LM training: right-padding collation with labels shifted for
+//! next-token prediction, a seeded train/validation split, and a loader whose position
+//! (`LoaderState`) is saved in checkpoints so that a resumed run sees exactly the same batches.
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::data::tokenize::{Example, IGNORE_INDEX};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// A padded batch. `labels[:, i]` is the target of position `i` (the next token), so the loss
+/// is a plain cross-entropy over the `b * t` rows ignoring -100.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// (b, t) u32
+    pub input_ids: Tensor,
+    /// (b, t) f32: 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// (b, t) i64, shifted: `labels[:, i] = original[:, i + 1]`, last position and padding -100.
+    pub labels: Tensor,
+    /// Non-padding tokens in the batch.
+    pub n_tokens: usize,
+    /// Positions with a target (labels != -100).
+    pub n_target_tokens: usize,
+}
+
+impl Batch {
+    pub fn batch_size(&self) -> usize {
+        self.input_ids.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.input_ids.dims().get(1).copied().unwrap_or(0)
+    }
+
+    pub fn to_device(&self, dev: &Device) -> Result<Batch> {
+        Ok(Batch {
+            input_ids: self.input_ids.to_device(dev)?,
+            attention_mask: self.attention_mask.to_device(dev)?,
+            labels: self.labels.to_device(dev)?,
+            n_tokens: self.n_tokens,
+            n_target_tokens: self.n_target_tokens,
+        })
+    }
+}
+
+/// Right-pads `examples` to the longest one (ids with `pad_id`, labels with -100) and shifts
+/// the labels by one position. Tensors are on the CPU.
+pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
+    let b = examples.len();
+    let t = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+    if b == 0 || t == 0 {
+        return Err(Error::msg("cannot build a batch from no tokens"));
+    }
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0f32; b * t];
+    let mut labels = vec![IGNORE_INDEX; b * t];
+    let mut n_tokens = 0;
+    for (r, ex) in examples.iter().enumerate() {
+        if ex.labels.len() != ex.input_ids.len() {
+            return Err(Error::msg(format!(
+                "example {r} has {} ids but {} labels",
+                ex.input_ids.len(),
+                ex.labels.len()
+            )));
+        }
+        let row = r * t;
+        let n = ex.len();
+        ids[row..row + n].copy_from_slice(&ex.input_ids);
+        mask[row..row + n].fill(1.0);
+        // Position i predicts token i + 1; the last real position has no target.
+        if n > 1 {
+            labels[row..row + n - 1].copy_from_slice(&ex.labels[1..]);
+        }
+        n_tokens += n;
+    }
+    let n_target_tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let dev = Device::Cpu;
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &dev)?,
+        attention_mask: Tensor::from_vec(mask, (b, t), &dev)?,
+        labels: Tensor::from_vec(labels, (b, t), &dev)?,
+        n_tokens,
+        n_target_tokens,
+    })
+}
+
+/// Splits off `val_set_size` items chosen by a seeded shuffle; both parts keep the input order.
+/// `val_set_size == 0` gives an empty validation set.
+pub fn split_train_val<T>(items: Vec<T>, val_set_size: usize, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
+    let n = items.len();
+    if val_set_size == 0 {
+        return Ok((items, Vec::new()));
+    }
+    if val_set_size >= n {
+        return Err(Error::config(
+            "val_set_size",
+            format!("{val_set_size} leaves no training examples out of {n}"),
+        ));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::derive(seed, "train_val_split").shuffle(&mut order);
+    let mut is_val = vec![false; n];
+    for &i in &order[..val_set_size] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::with_capacity(n - val_set_size), Vec::with_capacity(val_set_size));
+    for (item, v) in items.into_iter().zip(is_val) {
+        if v {
+            val.push(item);
+        } else {
+            train.push(item);
+        }
+    }
+    Ok((train, val))
+}
+
+/// Where a [`Loader`] stands: the epoch and the offset of the next batch in that epoch's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub epoch: usize,
+    pub cursor: usize,
+}
+
+/// Yields batches of example indices: a fresh seeded permutation per epoch, `batch_size` at a
+/// time, the last batch of an epoch possibly shorter (as with PyTorch's `drop_last=False`).
+/// The order of epoch `e` depends only on `(seed, e)`, so restoring a [`LoaderState`]
+/// reproduces the remaining batches exactly.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    n: usize,
+    batch_size: usize,
+    seed: u64,
+    state: LoaderState,
+    order: Vec<usize>,
+}
+
+impl Loader {
+    pub fn new(n_examples: usize, batch_size: usize, seed: u64) -> Result<Self> {
+        Self::resume(n_examples, batch_size, seed, LoaderState::default())
+    }
+
+    /// A loader positioned at `state` (saved by [`Loader::state`] with the same `n_examples`,
+    /// `batch_size` and `seed`).
+    pub fn resume(n_examples: usize, batch_size: usize, seed: u64, state: LoaderState) -> Result<Self> {
+        if n_examples == 0 {
+            return Err(Error::config("data", "no training examples"));
+        }
+        if batch_size == 0 {
+            return Err(Error::config("batch_size", "must be at least 1"));
+        }
+        if state.cursor >= n_examples {
+            return Err(Error::config(
+                "loader state",
+                format!("cursor {} is past the {n_examples} examples; was the data changed?", state.cursor),
+            ));
+        }
+        Ok(Loader {
+            n: n_examples,
+            batch_size,
+            seed,
+            state,
+            order: epoch_order(n_examples, seed, state.epoch),
+        })
+    }
+
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Batches per epoch, counting a final short batch.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.batch_size)
+    }
+
+    /// The example order of `epoch`.
+    pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        epoch_order(self.n, self.seed, epoch)
+    }
+
+    /// The next batch's example indices; moves to the next epoch after the last batch.
+    pub fn next_indices(&mut self) -> Vec<usize> {
+        let start = self.state.cursor;
+        let end = (start + self.batch_size).min(self.n);
+        let out = self.order[start..end].to_vec();
+        if end == self.n {
+            self.state = LoaderState {
+                epoch: self.state.epoch + 1,
+                cursor: 0,
+            };
+            self.order = epoch_order(self.n, self.seed, self.state.epoch);
+        } else {
+            self.state.cursor = end;
+        }
+        out
+    }
+
+    /// The next batch of `examples` (which must be the `n_examples` the loader was built for).
+    pub fn next_batch(&mut self, examples: &[Example], pad_id: u32) -> Result<Batch> {
+        if examples.len() != self.n {
+            return Err(Error::msg(format!(
+                "loader was built for {} examples, got {}",
+                self.n,
+                examples.len()
+            )));
+        }
+        let idx = self.next_indices();
+        let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+        collate(&refs, pad_id)
+    }
+}
+
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::derive(seed, &format!("loader_epoch_{epoch}")).shuffle(&mut order);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], labels: &[i64]) -> Example {
+        Example {
+            input_ids: ids.to_vec(),
+            labels: labels.to_vec(),
+        }
+    }
+
+    #[test]
+    fn collate_pads_and_shifts() {
+        let a = ex(&[1, 5, 6, 7, 2], &[-100, -100, 6, 7, 2]);
+        let b = ex(&[1, 8, 2], &[1, 8, 2]);
+        let batch = collate(&[&a, &b], 0).unwrap();
+        assert_eq!(batch.input_ids.dims(), &[2, 5]);
+        assert_eq!(batch.input_ids.to_vec2::<u32>().unwrap(), vec![vec![1, 5, 6, 7, 2], vec![1, 8, 2, 0, 0]]);
+        assert_eq!(
+            batch.attention_mask.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0; 5], vec![1.0, 1.0, 1.0, 0.0, 0.0]]
+        );
+        assert_eq!(
+            batch.labels.to_vec2::<i64>().unwrap(),
+            vec![vec![-100, 6, 7, 2, -100], vec![8, 2, -100, -100, -100]]
+        );
+        assert_eq!(batch.n_tokens, 8);
+        assert_eq!(batch.n_target_tokens, 5);
+        assert!(collate(&[], 0).is_err());
+        assert!(collate(&[&ex(&[1, 2], &[1])], 0).is_err());
+    }
+
+    #[test]
+    fn split_is_deterministic_and_disjoint() {
+        let items: Vec<usize> = (0..100).collect();
+        let (t1, v1) = split_train_val(items.clone(), 10, 42).unwrap();
+        let (t2, v2) = split_train_val(items.clone(), 10, 42).unwrap();
+        assert_eq!((&t1, &v1), (&t2, &v2));
+        assert_eq!((t1.len(), v1.len()), (90, 10));
+        let mut all: Vec<usize> = t1.iter().chain(&v1).copied().collect();
+        all.sort();
+        assert_eq!(all, items);
+        assert!(t1.windows(2).all(|w| w[0] < w[1]), "train keeps input order");
+        let (_, v3) = split_train_val(items.clone(), 10, 43).unwrap();
+        assert_ne!(v1, v3);
+        assert_eq!(split_train_val(items.clone(), 0, 1).unwrap().0, items);
+        assert!(matches!(split_train_val(items, 100, 1), Err(Error::InvalidConfig { .. })));
+    }
+
+    #[test]
+    fn loader_covers_epochs_and_resumes_exactly() {
+        let mut l = Loader::new(10, 4, 7).unwrap();
+        assert_eq!(l.steps_per_epoch(), 3);
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        for _ in 0..3 {
+            let b = l.next_indices();
+            sizes.push(b.len());
+            seen.extend(b);
+        }
+        assert_eq!(sizes, vec![4, 4, 2]);
+        assert_eq!(l.state(), LoaderState { epoch: 1, cursor: 0 });
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_ne!(l.epoch_order(0), l.epoch_order(1), "each epoch is reshuffled");
+
+        // Run 7 batches straight, versus 4 then a save/restore (through JSON) then 3.
+        let mut straight = Loader::new(10, 4, 7).unwrap();
+        let all: Vec<Vec<usize>> = (0..7).map(|_| straight.next_indices()).collect();
+        let mut first = Loader::new(10, 4, 7).unwrap();
+        let mut resumed_run: Vec<Vec<usize>> = (0..4).map(|_| first.next_indices()).collect();
+        let saved = serde_json::to_string(&first.state()).unwrap();
+        let state: LoaderState = serde_json::from_str(&saved).unwrap();
+        assert_eq!(state, LoaderState { epoch: 1, cursor: 4 });
+        let mut second = Loader::resume(10, 4, 7, state).unwrap();
+        resumed_run.extend((0..3).map(|_| second.next_indices()));
+        assert_eq!(all, resumed_run);
+
+        assert!(Loader::resume(10, 4, 7, LoaderState { epoch: 0, cursor: 10 }).is_err());
+        assert!(Loader::new(0, 4, 7).is_err());
+        assert!(Loader::new(10, 0, 7).is_err());
+
+        let examples: Vec<Example> = (0..10).map(|i| ex(&[1, i + 3], &[1, i as i64 + 3])).collect();
+        let mut l = Loader::new(10, 4, 7).unwrap();
+        let order = l.epoch_order(0);
+        let b = l.next_batch(&examples, 0).unwrap();
+        let col: Vec<u32> = b.input_ids.to_vec2::<u32>().unwrap().iter().map(|r| r[1]).collect();
+        assert_eq!(col, order[..4].iter().map(|&i| i as u32 + 3).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,178 @@
+//! One record to token ids and loss labels, with the semantics of LLM-Adapters'
+//! `generate_and_tokenize_prompt` (finetune.py): tokenise the full prompt with the tokenizer's
+//! own special tokens, truncate to `cutoff_len`, append EOS when there is room and it is not
+//! already last, and, unless training on inputs, mask the first `len(tokenize(user_prompt))`
+//! labels with -100, where the user prompt is the template with an empty output.
+
+use crate::data::alpaca::{generate_prompt, Record};
+use crate::error::{Error, Result};
+use crate::io::TextTokenizer;
+
+/// Label value ignored by the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// A tokenised example; `labels` is aligned with `input_ids` (not yet shifted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+impl Example {
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+}
+
+/// Tokenises `rec` for causal-LM training.
+///
+/// The user-prompt length is measured by tokenising the prompt on its own, exactly as the
+/// reference does; BPE may merge the prompt's trailing spaces with the answer differently, so
+/// the mask boundary can be off by a token from the true prompt/answer boundary, as in the
+/// reference. Unlike the reference, a user prompt longer than the (truncated) full prompt masks
+/// the whole example instead of producing more labels than ids.
+pub fn tokenize_record(
+    tok: &TextTokenizer,
+    rec: &Record,
+    cutoff_len: usize,
+    train_on_inputs: bool,
+    add_eos: bool,
+) -> Result<Example> {
+    if cutoff_len == 0 {
+        return Err(Error::config("cutoff_len", "must be at least 1"));
+    }
+    let mut ids = tok.encode(&generate_prompt(rec, true))?;
+    ids.truncate(cutoff_len);
+    if add_eos {
+        let eos = tok
+            .eos_id
+            .ok_or_else(|| Error::Tokenizer("the tokenizer has no end-of-sequence token".into()))?;
+        if ids.last() != Some(&eos) && ids.len() < cutoff_len {
+            ids.push(eos);
+        }
+    }
+    let mut labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    if !train_on_inputs {
+        let user_len = tok.encode(&generate_prompt(rec, false))?.len().min(cutoff_len);
+        let masked = user_len.min(labels.len());
+        labels[..masked].fill(IGNORE_INDEX);
+    }
+    Ok(Example { input_ids: ids, labels })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+
+    /// A word-level tokenizer whose vocabulary covers the training template, with BOS = 1
+    /// prepended by its post-processor (as LLaMA tokenizers do) and EOS = 2.
+    pub(crate) fn word_tokenizer(extra_words: &[&str]) -> TextTokenizer {
+        let rec = Record {
+            instruction: String::new(),
+            input: "x".into(),
+            output: String::new(),
+            answer: None,
+        };
+        let mut words: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let template = generate_prompt(&rec, true) + " " + &generate_prompt(&Record { input: String::new(), ..rec }, true);
+        for w in template
+            .split(|c: char| !c.is_alphanumeric() && c != '_')
+            .chain(template.split(|c: char| c.is_alphanumeric() || c.is_whitespace()))
+            .chain(extra_words.iter().copied())
+        {
+            if !w.is_empty() && !words.iter().any(|x| x == w) {
+                words.push(w.to_string());
+            }
+        }
+        let vocab: HashMap<String, u32> = words.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
+        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().unwrap();
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(Whitespace {}));
+        let post = TemplateProcessing::builder()
+            .try_single("<s> $A")
+            .unwrap()
+            .special_tokens(vec![("<s>", 1)])
+            .build()
+            .unwrap();
+        inner.with_post_processor(Some(post));
+        TextTokenizer {
+            inner,
+            bos_id: Some(1),
+            eos_id: Some(2),
+            pad_id: None,
+            add_bos: true,
+        }
+    }
+
+    fn rec() -> Record {
+        Record {
+            instruction: "pick one".into(),
+            input: String::new(),
+            output: "the correct answer is answer2".into(),
+            answer: Some("answer2".into()),
+        }
+    }
+
+    #[test]
+    fn masks_user_prompt_and_appends_eos() {
+        let tok = word_tokenizer(&["pick", "one", "the", "correct", "answer", "is", "answer2"]);
+        let r = rec();
+        let user = tok.encode_plain(&generate_prompt(&r, false)).unwrap();
+        let full = tok.encode_plain(&generate_prompt(&r, true)).unwrap();
+        assert!(!full.contains(&0) && !user.contains(&0), "test vocabulary must cover the prompt");
+        // Word-level tokens: the output adds exactly its 5 words after the user prompt.
+        assert_eq!(full.len(), user.len() + 5);
+        assert_eq!(&full[..user.len()], &user[..]);
+
+        let ex = tokenize_record(&tok, &r, 256, false, true).unwrap();
+        let mut expected: Vec<u32> = vec![1];
+        expected.extend(&full);
+        expected.push(2);
+        assert_eq!(ex.input_ids, expected);
+        let n_user = 1 + user.len();
+        assert!(ex.labels[..n_user].iter().all(|&l| l == IGNORE_INDEX));
+        let tail: Vec<i64> = expected[n_user..].iter().map(|&i| i as i64).collect();
+        assert_eq!(&ex.labels[n_user..], &tail[..]);
+        assert_eq!(tok.decode(&ex.input_ids[n_user..ex.len() - 1]).unwrap(), "the correct answer is answer2");
+
+        // Training on inputs: labels equal ids.
+        let ex = tokenize_record(&tok, &r, 256, true, true).unwrap();
+        assert_eq!(ex.labels, expected.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        // No EOS requested.
+        let ex = tokenize_record(&tok, &r, 256, true, false).unwrap();
+        assert_eq!(ex.input_ids, &expected[..expected.len() - 1]);
+    }
+
+    #[test]
+    fn truncation_rules() {
+        let tok = word_tokenizer(&["pick", "one", "the", "correct", "answer", "is", "answer2"]);
+        let r = rec();
+        let full_len = 1 + tok.encode_plain(&generate_prompt(&r, true)).unwrap().len();
+        let user_len = 1 + tok.encode_plain(&generate_prompt(&r, false)).unwrap().len();
+        // Exactly full: no room for EOS.
+        let ex = tokenize_record(&tok, &r, full_len, false, true).unwrap();
+        assert_eq!(ex.len(), full_len);
+        assert_ne!(*ex.input_ids.last().unwrap(), 2);
+        // One more: EOS fits.
+        let ex = tokenize_record(&tok, &r, full_len + 1, false, true).unwrap();
+        assert_eq!(ex.len(), full_len + 1);
+        assert_eq!(*ex.input_ids.last().unwrap(), 2);
+        // Cut inside the prompt: everything masked, length = cutoff.
+        let ex = tokenize_record(&tok, &r, user_len - 3, false, true).unwrap();
+        assert_eq!(ex.len(), user_len - 3);
+        assert!(ex.labels.iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(ex.input_ids[0], 1, "BOS survives truncation");
+        assert!(matches!(tokenize_record(&tok, &r, 0, false, true), Err(Error::InvalidConfig { .. })));
+        let mut no_eos = tok.clone();
+        no_eos.eos_id = None;
+        assert!(matches!(tokenize_record(&no_eos, &r, 64, false, true), Err(Error::Tokenizer(_))));
+    }
+}

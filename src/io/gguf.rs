@@ -1,0 +1,1 @@
+//! GGUF reader (llama.cpp's model format).

@@ -1,0 +1,160 @@
+//! A named set of f32 tensors in Hugging Face naming, whatever file they came from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct Weights {
+    tensors: BTreeMap<String, Tensor>,
+    origin: Option<PathBuf>,
+}
+
+impl Weights {
+    pub fn new(origin: Option<PathBuf>) -> Self {
+        Weights {
+            tensors: BTreeMap::new(),
+            origin,
+        }
+    }
+
+    pub fn origin(&self) -> Option<&Path> {
+        self.origin.as_deref()
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            from: self.origin.clone(),
+        })
+    }
+
+    /// The tensor `name`, checked to have exactly `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    /// Reads every tensor of a safetensors file, converted to f32 (integer tensors are kept).
+    pub fn read_safetensors(path: &Path, into: &mut Weights) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only and not modified while mapped.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        for (name, view) in st.tensors() {
+            let t = view_to_tensor(&view).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+            let t = match t.dtype() {
+                DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                _ => t,
+            };
+            into.insert(name, t);
+        }
+        Ok(())
+    }
+
+    pub fn load_safetensors(path: &Path) -> Result<Weights> {
+        let mut w = Weights::new(Some(path.to_path_buf()));
+        Weights::read_safetensors(path, &mut w)?;
+        Ok(w)
+    }
+
+    /// Writes all tensors (contiguous, in their dtype) atomically, with optional metadata.
+    pub fn save_safetensors(&self, path: &Path, metadata: Option<std::collections::HashMap<String, String>>) -> Result<()> {
+        save_tensors(self.tensors.iter().map(|(k, v)| (k.as_str(), v)), path, metadata)
+    }
+}
+
+fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
+    use safetensors::Dtype as S;
+    let dtype = match view.dtype() {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        S::I64 => DType::I64,
+        S::U32 => DType::U32,
+        S::U8 => DType::U8,
+        S::I32 => DType::I32,
+        d => return Err(Error::msg(format!("unsupported dtype {d:?}"))),
+    };
+    Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?)
+}
+
+/// Writes `(name, tensor)` pairs as one safetensors file, atomically.
+pub fn save_tensors<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a Tensor)>,
+    path: &Path,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    use safetensors::Dtype as S;
+    let mut owned: Vec<(String, Vec<u8>, S, Vec<usize>)> = Vec::new();
+    for (name, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let (dt, bytes): (S, Vec<u8>) = match t.dtype() {
+            DType::F32 => (S::F32, bytes_of(&t.flatten_all()?.to_vec1::<f32>()?)),
+            DType::F16 => (S::F16, bytes_of(&t.flatten_all()?.to_vec1::<half::f16>()?)),
+            DType::BF16 => (S::BF16, bytes_of(&t.flatten_all()?.to_vec1::<half::bf16>()?)),
+            DType::F64 => (S::F64, bytes_of(&t.flatten_all()?.to_vec1::<f64>()?)),
+            DType::I64 => (S::I64, bytes_of(&t.flatten_all()?.to_vec1::<i64>()?)),
+            DType::U32 => (S::U32, bytes_of(&t.flatten_all()?.to_vec1::<u32>()?)),
+            DType::U8 => (S::U8, t.flatten_all()?.to_vec1::<u8>()?),
+            d => return Err(Error::msg(format!("tensor `{name}`: cannot save dtype {d:?}"))),
+        };
+        owned.push((name.to_string(), bytes, dt, t.dims().to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, b, dt, shape)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::msg(format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::msg(format!("safetensors: {e}")))?;
+    crate::io::atomic::write_file(path, &bytes)
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
+    let n = std::mem::size_of_val(v);
+    // SAFETY: plain-old-data numeric slice reinterpreted as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) }.to_vec()
+}

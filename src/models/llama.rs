@@ -1,0 +1,359 @@
+//! LLaMA-family decoder with Hugging Face semantics (transformers' `modeling_llama.py`):
+//! RMSNorm, rotate-half RoPE, grouped-query attention, SiLU-gated MLP, tied or separate
+//! LM head, causal plus padding mask. Every linear layer can carry an adapter.
+//!
+//! Shape letters: b batch, t new positions, s key positions (cache + new), h query heads,
+//! g key/value heads, r = h/g, d head dim, e hidden size, v vocabulary.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::adapters::{Adapter, LoraConfig, LoraLayer};
+use crate::error::{Error, Result};
+use crate::io::Weights;
+use crate::models::config::LlamaConfig;
+use crate::models::{Ctx, Linear};
+use crate::ops;
+use crate::rng::Rng;
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+}
+
+/// Keys and values of past positions, per layer: (b, g, s, d) each.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the rows `idx` of the batch (beam search reorders hypotheses).
+    pub fn select_rows(&mut self, idx: &Tensor) -> Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            *l = (l.0.index_select(idx, 0)?, l.1.index_select(idx, 0)?);
+        }
+        Ok(())
+    }
+}
+
+fn linear(w: &Weights, path: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = w.get_shaped(&format!("{path}.weight"), &[out_dim, in_dim])?;
+    let bias = if bias { Some(w.get_shaped(&format!("{path}.bias"), &[out_dim])?) } else { None };
+    Ok(Linear::new(path, weight, bias))
+}
+
+impl Llama {
+    /// Builds the model from weights in Hugging Face naming; every tensor's shape is checked.
+    pub fn load(cfg: &LlamaConfig, w: &Weights) -> Result<Self> {
+        let (e, hd) = (cfg.hidden_size, cfg.head_dim);
+        let embed = w.get_shaped("model.embed_tokens.weight", &[cfg.vocab_size, e])?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let ab = cfg.attention_bias;
+            let mb = cfg.mlp_bias;
+            blocks.push(Block {
+                input_norm: w.get_shaped(&format!("{p}.input_layernorm.weight"), &[e])?,
+                attn: Attention {
+                    q: linear(w, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, e, ab)?,
+                    k: linear(w, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, e, ab)?,
+                    v: linear(w, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, e, ab)?,
+                    o: linear(w, &format!("{p}.self_attn.o_proj"), e, cfg.num_heads * hd, ab)?,
+                },
+                post_norm: w.get_shaped(&format!("{p}.post_attention_layernorm.weight"), &[e])?,
+                mlp: Mlp {
+                    gate: linear(w, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, e, mb)?,
+                    up: linear(w, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, e, mb)?,
+                    down: linear(w, &format!("{p}.mlp.down_proj"), e, cfg.intermediate_size, mb)?,
+                },
+            });
+        }
+        let norm = w.get_shaped("model.norm.weight", &[e])?;
+        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            Linear::new("lm_head", embed.clone(), None)
+        } else {
+            linear(w, "lm_head", cfg.vocab_size, e, false)?
+        };
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down])
+            .chain(std::iter::once(&self.lm_head))
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| {
+                let Block { attn, mlp, .. } = b;
+                let Attention { q, k, v, o } = attn;
+                let Mlp { gate, up, down } = mlp;
+                [q, k, v, o, gate, up, down]
+            })
+            .chain(std::iter::once(&mut self.lm_head))
+    }
+
+    /// Attaches freshly initialised LoRA factors to every matching linear layer.
+    /// A's init depends only on `seed` and the layer path. Returns the adapted paths.
+    pub fn inject_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<String>> {
+        cfg.validate()?;
+        let m = cfg.target_modules.matcher()?;
+        let scale = cfg.scale();
+        let mut done = Vec::new();
+        for l in self.linears_mut() {
+            if m.matches(&l.path) {
+                let mut rng = Rng::derive(seed, &l.path);
+                let lora = LoraLayer::init(l.in_dim(), l.out_dim(), cfg.r, scale, cfg.dropout, &mut rng)?;
+                l.adapter = Some(Adapter::Lora(lora));
+                done.push(l.path.clone());
+            }
+        }
+        if done.is_empty() {
+            return Err(Error::NoTargetMatch {
+                spec: cfg.target_modules.describe(),
+                example: self.linears().next().map(|l| l.path.clone()).unwrap_or_default(),
+            });
+        }
+        Ok(done)
+    }
+
+    /// Every trainable tensor, named `<module path>.<adapter tensor>`.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.linears().flat_map(|l| l.vars()).collect()
+    }
+
+    /// Folds every adapter into its base weight and drops the adapters.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        for l in self.linears_mut() {
+            if l.adapter.is_some() {
+                l.weight = l.merged_weight()?;
+                l.adapter = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// All base weights in Hugging Face naming (adapters merged in when `merged`).
+    pub fn base_weights(&self, merged: bool) -> Result<Weights> {
+        let mut w = Weights::new(None);
+        w.insert("model.embed_tokens.weight", self.embed.clone());
+        w.insert("model.norm.weight", self.norm.clone());
+        for (i, b) in self.blocks.iter().enumerate() {
+            w.insert(format!("model.layers.{i}.input_layernorm.weight"), b.input_norm.clone());
+            w.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_norm.clone());
+        }
+        for l in self.linears() {
+            if l.path == "lm_head" && self.cfg.tie_word_embeddings {
+                continue;
+            }
+            w.insert(format!("{}.weight", l.path), if merged { l.merged_weight()? } else { l.weight.clone() });
+            if let Some(b) = &l.bias {
+                w.insert(format!("{}.bias", l.path), b.clone());
+            }
+        }
+        Ok(w)
+    }
+
+    /// Final hidden states (b, t, e).
+    ///
+    /// `attention_mask` (b, s) marks real tokens (1) and padding (0) over cached plus new
+    /// positions; `positions` (b, t) gives RoPE positions (default: cache length + 0..t).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let s = past + t;
+        let dev = input_ids.device().clone();
+        let pos: Vec<u32> = match positions {
+            Some(p) => p.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?,
+            None => (0..b).flat_map(|_| (past as u32)..(s as u32)).collect(),
+        };
+        let (cos, sin) = self.rope_tables(&pos, b, t, &dev)?; // (b, t, d/2)
+        let mask = causal_mask(b, t, past, attention_mask, &dev)?; // (b, 1, t, s)
+
+        let ids = input_ids.flatten_all()?;
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.blocks.len() {
+                c.layers = (0..self.blocks.len()).map(|_| None).collect();
+            }
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = ops::rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = self.attention(&blk.attn, &h, &cos, &sin, &mask, layer_cache, ctx)?;
+            x = (x + a)?;
+            let h = ops::rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps)?;
+            let gate = blk.mlp.gate.forward(&h, ctx)?;
+            let up = blk.mlp.up.forward(&h, ctx)?;
+            let m = blk.mlp.down.forward(&(gate.silu()? * up)?, ctx)?;
+            x = (x + m)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits (.., v) of hidden states (.., e).
+    pub fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.lm_head.forward(hidden, ctx)
+    }
+
+    /// Logits (b, t, v) of every position.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, attention_mask, None, None, ctx)?;
+        self.logits(&h, ctx)
+    }
+
+    /// Mean next-token cross-entropy; `labels` (b, t) are already shifted (label of
+    /// position i is the token at i+1, −100 where ignored).
+    pub fn loss(&self, input_ids: &Tensor, attention_mask: &Tensor, labels: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let logits = self.forward(input_ids, Some(attention_mask), ctx)?; // (b, t, v)
+        let v = self.cfg.vocab_size;
+        ops::cross_entropy(&logits.reshape(((), v))?, &labels.flatten_all()?)
+    }
+
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let (b, t, _e) = x.dims3()?;
+        let (h, g, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let r = h / g;
+        let q = a.q.forward(x, ctx)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (b, h, t, d)
+        let k = a.k.forward(x, ctx)?.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
+        let v = a.v.forward(x, ctx)?.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
+        let q = ops::rope(&q, cos, sin)?;
+        let mut k = ops::rope(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?; // (b, g, s, d)
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dims()[2];
+        // Query heads sharing a key/value head are stacked along the row axis so each
+        // group is one matmul and K/V are never repeated.
+        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, g, r * t, d))?; // (b, g, r·t, d)
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?; // (b, h, t, s)
+        let scores = scores.broadcast_add(mask)?;
+        let p = ops::softmax_last_dim(&scores)?.reshape((b, g, r * t, s))?;
+        let y = p.matmul(&v)?.reshape((b, h, t, d))?; // (b, h, t, d)
+        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, h·d)
+        a.o.forward(&y, ctx)
+    }
+
+    /// cos/sin tables (b, t, d/2) for the given positions, computed in f32 like transformers.
+    fn rope_tables(&self, pos: &[u32], b: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.cfg.head_dim / 2;
+        let d = self.cfg.head_dim as f32;
+        let base = self.cfg.rope_theta as f32;
+        let inv: Vec<f32> = (0..half).map(|i| 1.0f32 / base.powf((2 * i) as f32 / d)).collect();
+        let mut cos = Vec::with_capacity(pos.len() * half);
+        let mut sin = Vec::with_capacity(pos.len() * half);
+        for &p in pos {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((Tensor::from_vec(cos, (b, t, half), dev)?, Tensor::from_vec(sin, (b, t, half), dev)?))
+    }
+}
+
+/// Additive mask (b, 1, t, s): 0 where query i (at cache index past+i) may attend key j,
+/// the most negative f32 elsewhere (as transformers, so fully masked rows stay finite).
+fn causal_mask(b: usize, t: usize, past: usize, attention_mask: Option<&Tensor>, dev: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let keep: Option<Vec<f32>> = match attention_mask {
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?;
+            if m.dims() != [b, s] {
+                return Err(Error::ShapeMismatch {
+                    name: "attention_mask".into(),
+                    expected: vec![b, s],
+                    got: m.dims().to_vec(),
+                });
+            }
+            Some(m.flatten_all()?.to_vec1()?)
+        }
+        None => None,
+    };
+    let neg = f32::MIN;
+    let mut out = vec![0f32; b * t * s];
+    for bi in 0..b {
+        for i in 0..t {
+            let row = &mut out[(bi * t + i) * s..(bi * t + i + 1) * s];
+            for (j, v) in row.iter_mut().enumerate() {
+                let allowed = j <= past + i && keep.as_ref().map(|k| k[bi * s + j] > 0.5).unwrap_or(true);
+                if !allowed {
+                    *v = neg;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, 1, t, s), dev)?)
+}
+
+/// Index of the largest value per row of (n, v) logits.
+pub fn argmax_last(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1()?)
+}

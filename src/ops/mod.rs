@@ -1,0 +1,101 @@
+//! Differentiable building blocks. candle's fused norm / rope / softmax kernels carry no
+//! backward, so everything the model differentiates through lives here.
+//!
+//! The functions below are the API the model uses. Each has a naive composed reference
+//! (`reference::*`) built from candle primitives that do have gradients; tests compare
+//! the fast versions against them and against finite differences.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+
+/// Label value that is excluded from the loss (Hugging Face convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// `x · wᵀ` for a frozen weight `w` (out, in); `x` is (.., in). The backward returns the
+/// gradient of `x` only: no weight-gradient GEMM, no weight-sized buffer.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    reference::frozen_linear(x, w)
+}
+
+/// Root-mean-square norm over the last dim, times `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    reference::rms_norm(x, w, eps)
+}
+
+/// Rotate-half RoPE (Hugging Face layout). `x` is (b, h, t, d); `cos`/`sin` are (t, d/2)
+/// or (b, t, d/2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    reference::rope(x, cos, sin)
+}
+
+/// Softmax over the last dim.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    reference::softmax_last_dim(x)
+}
+
+/// Mean cross-entropy over positions whose label is not [`IGNORE_INDEX`].
+/// `logits` (n, v) f32, `labels` (n,) i64. Returns a scalar; 0 when every label is ignored.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    reference::cross_entropy(logits, labels)
+}
+
+/// Composed reference implementations: slow, obviously right, differentiable through
+/// candle's own autograd.
+pub mod reference {
+    use super::*;
+
+    pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_matmul(&w.t()?)?)
+    }
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(w)?)
+    }
+
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (_b, _h, _t, d) = x.dims4()?;
+        let half = d / 2;
+        // (t, d/2) -> (1, 1, t, d) ; (b, t, d/2) -> (b, 1, t, d)
+        let expand = |c: &Tensor| -> Result<Tensor> {
+            let c = Tensor::cat(&[c, c], D::Minus1)?;
+            Ok(match c.rank() {
+                2 => c.unsqueeze(0)?.unsqueeze(0)?,
+                _ => c.unsqueeze(1)?,
+            })
+        };
+        let cos = expand(cos)?;
+        let sin = expand(sin)?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+    }
+
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        let s = e.sum_keepdim(D::Minus1)?;
+        Ok(e.broadcast_div(&s)?)
+    }
+
+    pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let (n, _v) = logits.dims2()?;
+        let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
+        let valid: Vec<f32> = labels_host.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
+        let count: f32 = valid.iter().sum();
+        let idx: Vec<u32> = labels_host.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 }).collect();
+        let dev = logits.device();
+        let idx = Tensor::from_vec(idx, (n, 1), dev)?;
+        let valid = Tensor::from_vec(valid, n, dev)?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let logp = shifted.broadcast_sub(&lse)?;
+        let picked = logp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?;
+        let total = (picked * valid)?.sum_all()?.neg()?;
+        Ok((total / (count.max(1.0) as f64))?)
+    }
+}

@@ -1,0 +1,9 @@
+//! Fine-tuning: optimiser, learning-rate schedule, metrics log and loss plot.
+
+pub mod metrics;
+pub mod optimizer;
+pub mod plot;
+pub mod schedule;
+pub mod checkpoint;
+pub mod config;
+pub mod trainer;

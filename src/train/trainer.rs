@@ -1,0 +1,316 @@
+//! The fine-tuning loop: micro-batches with gradient accumulation, AdamW with a warmup
+//! schedule and norm clipping, periodic validation and checkpoints, exact resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::data::alpaca::load_records;
+use crate::data::batch::{collate, split_train_val, Batch, Loader};
+use crate::data::tokenize::{tokenize_record, Example};
+use crate::error::{Error, IoContext, Result};
+use crate::io::{self, atomic, TextTokenizer, Weights};
+use crate::models::{Ctx, Llama};
+use crate::rng::Rng;
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::TrainConfig;
+use crate::train::metrics::{MetricRecord, MetricsLog};
+use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::schedule::Schedule;
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CONFIG_FILE: &str = "run_config.json";
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub steps: usize,
+    pub first_loss: f32,
+    pub last_loss: f32,
+    pub first_val_loss: Option<f32>,
+    pub last_val_loss: Option<f32>,
+    pub tokens_per_s: f64,
+    pub adapted_layers: usize,
+    pub trainable_params: usize,
+}
+
+/// Everything a run needs, loaded and checked before the first step.
+pub struct Prepared {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub train: Vec<Example>,
+    pub val: Vec<Example>,
+    pub adapted: Vec<String>,
+}
+
+/// Loads the model, attaches the adapters, reads and tokenises the data.
+pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
+    cfg.validate()?;
+    let loaded = io::load_model(&cfg.model)?;
+    let tokenizer = loaded
+        .tokenizer
+        .clone()
+        .ok_or_else(|| Error::format(&loaded.path, "no tokenizer found (tokenizer.json or GGUF tokenizer metadata is required to train)"))?;
+    let mcfg = loaded.config.resolve()?;
+    let mut model = Llama::load(&mcfg, &loaded.weights)?;
+    drop(loaded);
+    let adapted = model.inject_lora(&cfg.lora, cfg.seed)?;
+
+    let records = load_records(&cfg.data)?;
+    let mut examples = Vec::with_capacity(records.len());
+    for rec in &records {
+        examples.push(tokenize_record(&tokenizer, rec, cfg.cutoff_len, cfg.train_on_inputs, true)?);
+    }
+    let (mut train, val) = split_train_val(examples, cfg.val_set_size, cfg.seed)?;
+    if let Some(n) = cfg.max_records {
+        train.truncate(n);
+    }
+    if train.is_empty() {
+        return Err(Error::config("val_set_size", "leaves no training examples"));
+    }
+    Ok(Prepared {
+        model,
+        tokenizer,
+        train,
+        val,
+        adapted,
+    })
+}
+
+fn fingerprint(cfg: &TrainConfig) -> String {
+    let mut c = cfg.clone();
+    c.out = PathBuf::new();
+    c.resume = None;
+    c.overwrite = false;
+    c.eval_every = 0;
+    c.save_every = 0;
+    serde_json::to_string(&c).unwrap_or_default()
+}
+
+/// Runs `cfg` to completion and writes the adapter into `cfg.out`.
+pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
+    cfg.validate()?;
+    let resume = match &cfg.resume {
+        Some(p) => Some(checkpoint::load(p)?),
+        None => None,
+    };
+    if resume.is_none() && cfg.out.exists() {
+        if !cfg.overwrite {
+            return Err(Error::OutputExists(cfg.out.clone()));
+        }
+        std::fs::remove_dir_all(&cfg.out).at(&cfg.out)?;
+    }
+    let prep = prepare(cfg)?;
+    std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
+    atomic::write_file(&cfg.out.join(CONFIG_FILE), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    run_loop(cfg, prep, resume)
+}
+
+fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkpoint>) -> Result<RunSummary> {
+    let Prepared {
+        model, tokenizer, train, val, adapted,
+    } = prep;
+    let pad_id = tokenizer.pad_or_eos();
+    let total_steps = cfg.total_steps(train.len());
+    let schedule = Schedule {
+        kind: cfg.schedule,
+        warmup_steps: cfg.warmup_steps,
+        total_steps,
+        base_lr: cfg.lr,
+    };
+    let vars = model.trainable_vars();
+    let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        },
+    )?;
+    let mut loader = Loader::new(train.len(), cfg.batch_size, cfg.seed);
+    let mut rng = Rng::derive(cfg.seed, "dropout");
+    let mut step = 0usize;
+    let fp = fingerprint(cfg);
+    let metrics_path = cfg.out.join(METRICS_FILE);
+    let mut metrics;
+    if let Some(ck) = resume {
+        if ck.state.config_fingerprint != fp {
+            return Err(Error::format(&ck.dir, "checkpoint was written by a run with a different configuration"));
+        }
+        restore_vars(&vars, &ck.trainable)?;
+        opt.load_state(&ck.optimizer)?;
+        loader.set_state(ck.state.loader.clone());
+        rng = ck.state.rng.clone();
+        step = ck.state.step;
+        metrics = MetricsLog::resume(&metrics_path, step)?;
+        eprintln!("resuming from {} at step {step}", ck.dir.display());
+    } else {
+        metrics = MetricsLog::create(&metrics_path)?;
+    }
+
+    eprintln!(
+        "{} adapted layers, {} trainable parameters, {} train / {} val examples, {} steps",
+        adapted.len(),
+        trainable_params,
+        train.len(),
+        val.len(),
+        total_steps
+    );
+    let bar = progress_bar(total_steps as u64, step as u64);
+    let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
+    let (mut first_val, mut last_val) = (None, None);
+    let mut checked_grads = false;
+    let run_start = Instant::now();
+    let mut run_tokens = 0usize;
+    while step < total_steps {
+        let t0 = Instant::now();
+        let lr = schedule.lr_at(step);
+        let mut acc: Option<GradStore> = None;
+        let mut loss_sum = 0f32;
+        let mut tokens = 0usize;
+        for _ in 0..cfg.grad_accum {
+            let idx = loader.next_indices();
+            let exs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+            let batch = collate(&exs, pad_id)?;
+            tokens += batch.n_tokens;
+            let ctx = Ctx::train(rng.clone());
+            let loss = model.loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?;
+            rng = ctx.into_rng();
+            let lv = loss.to_scalar::<f32>()?;
+            loss_sum += lv;
+            let grads = (loss / cfg.grad_accum as f64)?.backward()?;
+            acc = Some(match acc {
+                None => grads,
+                Some(mut a) => {
+                    for (_, v) in &vars {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match a.get(v.as_tensor()) {
+                                Some(prev) => (prev + g)?,
+                                None => g.clone(),
+                            };
+                            a.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    a
+                }
+            });
+        }
+        let mut grads = acc.expect("grad_accum >= 1");
+        if !checked_grads {
+            for (name, v) in &vars {
+                if grads.get(v.as_tensor()).is_none() {
+                    return Err(Error::NoGradient(name.clone()));
+                }
+            }
+            checked_grads = true;
+        }
+        let loss = loss_sum / cfg.grad_accum as f32;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite { step, loss });
+        }
+        let grad_norm = crate::train::optimizer::clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)?;
+        opt.step(&grads, lr)?;
+        step += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        run_tokens += tokens;
+        let tps = tokens as f64 / dt;
+        if first_loss.is_nan() {
+            first_loss = loss;
+        }
+        last_loss = loss;
+        let mut rec = MetricRecord::new(step, loss, lr, tps);
+        rec.grad_norm = Some(grad_norm);
+        rec.elapsed_s = Some(run_start.elapsed().as_secs_f64());
+        let eval_now = !val.is_empty() && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total_steps);
+        if eval_now {
+            let vl = validation_loss(&model, &val, cfg.batch_size, pad_id)?;
+            first_val.get_or_insert(vl);
+            last_val = Some(vl);
+            rec.val_loss = Some(vl);
+            bar.println(format!("step {step}: val_loss {vl:.4}"));
+        }
+        metrics.append(&rec)?;
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total_steps {
+            let state = TrainerState {
+                step,
+                total_steps,
+                loader: loader.state(),
+                rng: rng.clone(),
+                method_state: serde_json::Value::Null,
+                config_fingerprint: fp.clone(),
+            };
+            checkpoint::save(&cfg.out.join("checkpoints"), &vars_to_weights(&vars), &opt.state_weights()?, &state)?;
+        }
+    }
+    bar.finish_and_clear();
+    let base = Some(cfg.model.clone());
+    io::peft::save_lora(&model, &cfg.lora, base, &cfg.out)?;
+    if let Err(e) = crate::train::plot::plot_loss_curve(&metrics.records()?, &cfg.out.join("loss.png")) {
+        eprintln!("warning: could not draw the loss curve: {e}");
+    }
+    let secs = run_start.elapsed().as_secs_f64();
+    Ok(RunSummary {
+        out: cfg.out.clone(),
+        steps: step,
+        first_loss,
+        last_loss,
+        first_val_loss: first_val,
+        last_val_loss: last_val,
+        tokens_per_s: if secs > 0.0 { run_tokens as f64 / secs } else { 0.0 },
+        adapted_layers: adapted.len(),
+        trainable_params,
+    })
+}
+
+/// Token-weighted mean loss over `val`, without dropout.
+pub fn validation_loss(model: &Llama, val: &[Example], batch_size: usize, pad_id: u32) -> Result<f32> {
+    let ctx = Ctx::eval();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in val.chunks(batch_size) {
+        let exs: Vec<&Example> = chunk.iter().collect();
+        let batch: Batch = collate(&exs, pad_id)?;
+        if batch.n_target_tokens == 0 {
+            continue;
+        }
+        let loss = model.loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?.to_scalar::<f32>()?;
+        sum += loss as f64 * batch.n_target_tokens as f64;
+        n += batch.n_target_tokens;
+    }
+    Ok(if n == 0 { f32::NAN } else { (sum / n as f64) as f32 })
+}
+
+fn vars_to_weights(vars: &[(String, Var)]) -> Weights {
+    let mut w = Weights::new(None);
+    for (n, v) in vars {
+        w.insert(n.clone(), v.as_tensor().clone());
+    }
+    w
+}
+
+fn restore_vars(vars: &[(String, Var)], w: &Weights) -> Result<()> {
+    for (n, v) in vars {
+        let t: Tensor = w.get_shaped(n, v.dims())?;
+        v.set(&t)?;
+    }
+    Ok(())
+}
+
+fn progress_bar(len: u64, pos: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(pos);
+    bar
+}
+
