@@ -14,5 +14,6 @@ pub mod models;
 pub mod ops;
 pub mod rng;
 pub mod train;
+pub mod tsd;
 
 pub use error::{Error, Result};

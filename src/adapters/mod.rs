@@ -1,6 +1,7 @@
 //! Parameter-efficient adapters attached to frozen linear layers. Each method is a value of
 //! [`Adapter`]; the linear layer only asks it for its additive term.
 
+pub mod dash;
 pub mod lora;
 pub mod target;
 
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::Ctx;
+pub use dash::DashLayer;
 pub use lora::{lora_scale, LoraLayer};
 pub use target::TargetModules;
 
@@ -56,6 +58,7 @@ impl LoraConfig {
 /// The trainable part attached to one linear layer.
 pub enum Adapter {
     Lora(LoraLayer),
+    Dash(DashLayer),
 }
 
 impl Adapter {
@@ -66,6 +69,10 @@ impl Adapter {
                 let x = ctx.dropout(x, l.dropout)?;
                 l.delta_forward(&x)
             }
+            Adapter::Dash(d) => {
+                let xd = ctx.dropout(x, d.lora.dropout)?;
+                Ok((d.lora.delta_forward(&xd)? + d.dash_forward(x)?)?)
+            }
         }
     }
 
@@ -73,6 +80,12 @@ impl Adapter {
     pub fn vars(&self) -> Vec<(&'static str, Var)> {
         match self {
             Adapter::Lora(l) => vec![("lora_A.weight", l.a.clone()), ("lora_B.weight", l.b.clone())],
+            Adapter::Dash(d) if d.freeze_ab => vec![("dash_c", d.c.clone())],
+            Adapter::Dash(d) => vec![
+                ("lora_A.weight", d.lora.a.clone()),
+                ("lora_B.weight", d.lora.b.clone()),
+                ("dash_c", d.c.clone()),
+            ],
         }
     }
 
@@ -80,12 +93,22 @@ impl Adapter {
     pub fn delta_weight(&self) -> Result<Tensor> {
         match self {
             Adapter::Lora(l) => l.delta_weight(),
+            Adapter::Dash(d) => d.delta_weight(),
         }
     }
 
+    /// The LoRA factors (of the LoRA part, for Dash).
     pub fn as_lora(&self) -> Option<&LoraLayer> {
         match self {
             Adapter::Lora(l) => Some(l),
+            Adapter::Dash(d) => Some(&d.lora),
+        }
+    }
+
+    pub fn as_dash(&self) -> Option<&DashLayer> {
+        match self {
+            Adapter::Dash(d) => Some(d),
+            _ => None,
         }
     }
 }

@@ -40,7 +40,7 @@ pub fn load_with_adapter(model: &str, adapter: Option<&Path>) -> Result<(io::Loa
     let cfg = loaded.config.resolve()?;
     let mut m = Llama::load(&cfg, &loaded.weights)?;
     if let Some(dir) = adapter {
-        io::peft::load_lora(&mut m, dir)?;
+        io::dash::load_any(&mut m, dir)?;
     }
     Ok((loaded, m))
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::adapters::{LoraConfig, TargetModules};
 use crate::error::{Error, IoContext, Result};
-use crate::train::config::{Method, TrainConfig};
+use crate::train::config::{DashConfig, Method, TrainConfig};
 use crate::train::schedule::ScheduleKind;
 
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -27,9 +27,18 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Fine-tuning method: lora.
+    /// Fine-tuning method: lora or dash.
     #[arg(long)]
     pub method: Option<String>,
+    /// LoRA-Dash pre-launch length t, in optimizer steps.
+    #[arg(long)]
+    pub dash_t: Option<usize>,
+    /// LoRA-Dash directions per layer s.
+    #[arg(long)]
+    pub dash_s: Option<usize>,
+    /// LoRA-Dash: freeze A and B after the switch.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub dash_freeze_ab: Option<bool>,
     /// LoRA rank r.
     #[arg(long)]
     pub rank: Option<usize>,
@@ -122,7 +131,7 @@ impl TrainArgs {
         if let Some(path) = self.config.clone() {
             let file = TrainArgs::from_toml(&path)?;
             merge_fields!(
-                self, file, model, data, out, method, rank, alpha, dropout, use_rslora, target_modules, lr, batch_size, grad_accum,
+                self, file, model, data, out, method, dash_t, dash_s, dash_freeze_ab, rank, alpha, dropout, use_rslora, target_modules, lr, batch_size, grad_accum,
                 max_steps, epochs, cutoff_len, warmup_steps, schedule, weight_decay, beta1, beta2, adam_eps, max_grad_norm,
                 val_set_size, eval_every, save_every, seed, train_on_inputs, max_records, overwrite, resume
             );
@@ -134,8 +143,21 @@ impl TrainArgs {
     pub fn resolve(self) -> Result<TrainConfig> {
         let a = self.merged()?;
         let method = match a.method.as_deref().unwrap_or("lora") {
-            "lora" => Method::Lora,
-            m => return Err(Error::config("method", format!("unknown method `{m}` (expected lora)"))),
+            "lora" => {
+                if a.dash_t.is_some() || a.dash_s.is_some() || a.dash_freeze_ab.is_some() {
+                    return Err(Error::config("method", "dash_t / dash_s / dash_freeze_ab need --method dash"));
+                }
+                Method::Lora
+            }
+            "dash" => {
+                let d = DashConfig::default();
+                Method::Dash(DashConfig {
+                    t: a.dash_t.unwrap_or(d.t),
+                    s: a.dash_s.unwrap_or(d.s),
+                    freeze_ab: a.dash_freeze_ab.unwrap_or(d.freeze_ab),
+                })
+            }
+            m => return Err(Error::config("method", format!("unknown method `{m}` (expected lora or dash)"))),
         };
         let schedule = match a.schedule.as_deref().unwrap_or("linear") {
             "linear" => ScheduleKind::Linear,

@@ -151,6 +151,67 @@ pub(crate) mod tests {
         assert_eq!(ex.input_ids, &expected[..expected.len() - 1]);
     }
 
+    /// `LORA_DASH_SMOLLM2_GGUF`, else `$LORA_DASH_CACHE` or `~/.cache/lora-dash`.
+    fn smollm2_gguf() -> Option<std::path::PathBuf> {
+        use std::path::PathBuf;
+        let p = std::env::var_os("LORA_DASH_SMOLLM2_GGUF").map(PathBuf::from).or_else(|| {
+            let cache = std::env::var_os("LORA_DASH_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-dash")))?;
+            Some(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        })?;
+        if p.is_file() {
+            Some(p)
+        } else {
+            println!("skipped: {} not found (set LORA_DASH_SMOLLM2_GGUF)", p.display());
+            None
+        }
+    }
+
+    /// LLM-Adapters' `generate_and_tokenize_prompt` run by transformers 4.46.3 with the SmolLM2
+    /// GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) on ARC-Easy train
+    /// records 0 and 1 and a made-up record with an input: (record, cutoff_len,
+    /// train_on_inputs, len(input_ids), number of -100 labels, sum(input_ids), last 4 ids).
+    const SMOLLM2_REF: [(usize, usize, bool, usize, usize, u64, [u32; 4]); 9] = [
+        (0, 256, false, 113, 106, 573072, [314, 2988, 34, 1]),
+        (0, 256, true, 113, 0, 573072, [314, 2988, 34, 1]),
+        (0, 100, false, 100, 100, 486837, [11247, 35, 31, 11247]),
+        (1, 256, false, 107, 100, 585297, [314, 2988, 34, 1]),
+        (1, 256, true, 107, 0, 585297, [314, 2988, 34, 1]),
+        (1, 100, false, 100, 100, 575825, [20749, 14212, 42, 1047]),
+        (2, 256, false, 56, 52, 437330, [1069, 23214, 30, 1]),
+        (2, 256, true, 56, 0, 437330, [1069, 23214, 30, 1]),
+        (2, 100, false, 56, 52, 437330, [1069, 23214, 30, 1]),
+    ];
+
+    #[test]
+    fn matches_llm_adapters_with_smollm2_tokenizer() {
+        let Some(gguf) = smollm2_gguf() else { return };
+        let data = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/commonsense/ARC-Easy/train.json");
+        if !data.is_file() {
+            println!("skipped: {} not found", data.display());
+            return;
+        }
+        let meta = crate::io::gguf::GgufFile::open(&gguf).unwrap().metadata;
+        let tok = crate::io::gguf_tokenizer::load_tokenizer(&meta).unwrap();
+        let mut recs: Vec<Record> = crate::data::alpaca::load_records(&[data]).unwrap().into_iter().take(2).collect();
+        recs.push(Record {
+            instruction: "Summarize.".into(),
+            input: "Cats sleep a lot.".into(),
+            output: "They nap.".into(),
+            answer: None,
+        });
+        for (i, cutoff, toi, len, masked, sum, last4) in SMOLLM2_REF {
+            let ex = tokenize_record(&tok, &recs[i], cutoff, toi, true).unwrap();
+            let got_masked = ex.labels.iter().filter(|&&l| l == IGNORE_INDEX).count();
+            let got_sum: u64 = ex.input_ids.iter().map(|&x| x as u64).sum();
+            println!("record {i} cutoff {cutoff} train_on_inputs {toi}: len {} masked {got_masked} sum {got_sum}", ex.len());
+            assert_eq!((ex.len(), got_masked, got_sum), (len, masked, sum));
+            assert_eq!(&ex.input_ids[ex.len() - 4..], &last4[..]);
+            assert_eq!(ex.labels.len(), ex.len());
+        }
+    }
+
     #[test]
     fn truncation_rules() {
         let tok = word_tokenizer(&["pick", "one", "the", "correct", "answer", "is", "answer2"]);

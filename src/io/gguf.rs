@@ -1,1 +1,501 @@
-//! GGUF reader (llama.cpp's model format).
+//! GGUF (llama.cpp's model file, versions 2 and 3) read into Hugging Face form.
+//!
+//! Layout (ggml `docs/gguf.md`): magic `GGUF`, u32 version, u64 tensor count, u64 metadata
+//! count, the metadata key/values, the tensor infos (name, dims with `ne[0]` innermost, ggml
+//! type, offset), then the tensor data starting at the next multiple of `general.alignment`
+//! (default 32). Everything is little-endian.
+//!
+//! Loading maps llama.cpp tensor names to Hugging Face names, reverses the dims into row-major
+//! `(out, in)` shapes, dequantises to f32 and undoes the Q/K row permutation that
+//! `convert_hf_to_gguf.py` applies for rotary embeddings.
+
+mod quants;
+#[cfg(test)]
+pub(crate) mod testutil;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+pub use quants::{dequantize, GgmlType};
+
+use crate::error::{Error, IoContext, Result};
+use crate::io::{LoadedModel, SourceKind, Weights};
+use crate::models::config::HfConfig;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl GgufValue {
+    /// Any non-negative integer value.
+    pub fn as_u64(&self) -> Option<u64> {
+        use GgufValue::*;
+        match *self {
+            U8(x) => Some(x as u64),
+            U16(x) => Some(x as u64),
+            U32(x) => Some(x as u64),
+            U64(x) => Some(x),
+            I8(x) => u64::try_from(x).ok(),
+            I16(x) => u64::try_from(x).ok(),
+            I32(x) => u64::try_from(x).ok(),
+            I64(x) => u64::try_from(x).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        use GgufValue::*;
+        match *self {
+            I8(x) => Some(x as i64),
+            I16(x) => Some(x as i64),
+            I32(x) => Some(x as i64),
+            I64(x) => Some(x),
+            _ => self.as_u64().and_then(|x| i64::try_from(x).ok()),
+        }
+    }
+
+    /// Any numeric value as f64.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(x) => Some(x as f64),
+            GgufValue::F64(x) => Some(x),
+            _ => self.as_i64().map(|x| x as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            GgufValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Metadata keys to values, e.g. `llama.block_count`.
+pub type Metadata = BTreeMap<String, GgufValue>;
+
+/// One tensor's entry in the file.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGUF order: `dims[0]` is the innermost (contiguous) dimension.
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// Row-major shape (the reverse of the GGUF dims), e.g. `(out, in)` for a linear weight.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// Bytes of data, or None when the type is unknown or the dims do not fit its blocks.
+    pub fn n_bytes(&self) -> Option<u64> {
+        let (blk, size) = self.ggml_type.block_layout()?;
+        let n = self.n_elements();
+        (n % blk as u64 == 0).then(|| n / blk as u64 * size as u64)
+    }
+}
+
+/// An opened GGUF file: parsed header and the memory-mapped data.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    pub version: u32,
+    pub metadata: Metadata,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).at(path)?;
+        // SAFETY: read-only mapping of a file we do not modify while it is mapped.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
+        let (version, metadata, tensors, data_start) = parse(&mmap, path)?;
+        Ok(GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors, data_start })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+        let n = info.n_bytes().ok_or_else(|| {
+            Error::format(&self.path, format!("tensor `{}`: type {} with dims {:?} is not supported", info.name, info.ggml_type.name(), info.dims))
+        })?;
+        let start = (self.data_start as u64).checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(n));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => Ok(&self.mmap[s as usize..e as usize]),
+            _ => Err(Error::format(&self.path, format!("tensor `{}` data lies past the end of the file", info.name))),
+        }
+    }
+
+    /// The tensor dequantised to f32 in its row-major shape.
+    pub fn tensor_f32(&self, info: &TensorInfo) -> Result<Tensor> {
+        let bytes = self.tensor_bytes(info)?;
+        let data = dequantize(info.ggml_type, bytes, info.n_elements() as usize)
+            .map_err(|m| Error::format(&self.path, format!("tensor `{}`: {m}", info.name)))?;
+        Ok(Tensor::from_vec(data, info.shape(), &Device::Cpu)?)
+    }
+}
+
+/// Bounds-checked little-endian reader over the header.
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        match self.pos.checked_add(n) {
+            Some(end) if end <= self.b.len() => {
+                let s = &self.b[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            _ => Err(Error::format(self.path, format!("truncated GGUF header at byte {} while reading {what}", self.pos))),
+        }
+    }
+    fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.arr(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.arr(what)?))
+    }
+    /// A count of items that each take at least `min_size` bytes, checked against what is left
+    /// so a corrupt count cannot trigger a huge allocation.
+    fn count(&mut self, min_size: usize, what: &str) -> Result<usize> {
+        let n = self.u64(what)?;
+        let left = (self.b.len() - self.pos) as u64;
+        if n.saturating_mul(min_size as u64) > left {
+            return Err(Error::format(self.path, format!("{what} {n} is larger than the file allows")));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.count(1, what)?;
+        Ok(String::from_utf8_lossy(self.take(n, what)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<GgufValue> {
+        use GgufValue as V;
+        Ok(match ty {
+            0 => V::U8(self.arr::<1>(key)?[0]),
+            1 => V::I8(self.arr::<1>(key)?[0] as i8),
+            2 => V::U16(u16::from_le_bytes(self.arr(key)?)),
+            3 => V::I16(i16::from_le_bytes(self.arr(key)?)),
+            4 => V::U32(self.u32(key)?),
+            5 => V::I32(i32::from_le_bytes(self.arr(key)?)),
+            6 => V::F32(f32::from_le_bytes(self.arr(key)?)),
+            7 => V::Bool(self.arr::<1>(key)?[0] != 0),
+            8 => V::String(self.string(key)?),
+            // Arrays may nest; a small bound keeps a corrupt file from recursing deeply.
+            9 if depth < 4 => {
+                let elem = self.u32(key)?;
+                let n = self.count(1, key)?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(elem, key, depth + 1)?);
+                }
+                V::Array(items)
+            }
+            10 => V::U64(self.u64(key)?),
+            11 => V::I64(i64::from_le_bytes(self.arr(key)?)),
+            12 => V::F64(f64::from_le_bytes(self.arr(key)?)),
+            t => return Err(Error::format(self.path, format!("metadata `{key}`: unknown value type {t}"))),
+        })
+    }
+}
+
+/// Parses the header: (version, metadata, tensor infos, start of the data section).
+fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorInfo>, usize)> {
+    let mut r = Reader { b, pos: 0, path };
+    if r.take(4, "magic").ok() != Some(&MAGIC[..]) {
+        return Err(Error::format(path, "not a GGUF file (bad magic)"));
+    }
+    let version = r.u32("version")?;
+    match version {
+        2 | 3 => {}
+        1 => return Err(Error::format(path, "GGUF version 1 is not supported; re-convert with a current llama.cpp")),
+        v if v.swap_bytes() <= 3 => return Err(Error::format(path, "big-endian GGUF files are not supported")),
+        v => return Err(Error::format(path, format!("unsupported GGUF version {v}"))),
+    }
+    // A tensor info takes at least 8 (name) + 4 + 4 + 8 bytes, a key/value at least 8 + 4 + 1.
+    let n_tensors = r.count(24, "tensor count")?;
+    let n_kv = r.count(13, "metadata count")?;
+    let mut metadata = Metadata::new();
+    for _ in 0..n_kv {
+        let key = r.string("metadata key")?;
+        let ty = r.u32(&key)?;
+        let v = r.value(ty, &key, 0)?;
+        metadata.insert(key, v);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors);
+    for _ in 0..n_tensors {
+        let name = r.string("tensor name")?;
+        let n_dims = r.u32(&name)? as usize;
+        if n_dims > 8 {
+            return Err(Error::format(path, format!("tensor `{name}` has {n_dims} dims")));
+        }
+        let dims = (0..n_dims).map(|_| r.u64(&name)).collect::<Result<Vec<_>>>()?;
+        let ggml_type = GgmlType::from_id(r.u32(&name)?);
+        let offset = r.u64(&name)?;
+        tensors.push(TensorInfo { name, dims, ggml_type, offset });
+    }
+    let alignment = metadata.get("general.alignment").and_then(|v| v.as_u64()).unwrap_or(DEFAULT_ALIGNMENT);
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(Error::format(path, format!("general.alignment {alignment} is not a power of two")));
+    }
+    let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+    for t in &tensors {
+        if t.offset % alignment != 0 {
+            return Err(Error::format(path, format!("tensor `{}` offset {} is not aligned to {alignment}", t.name, t.offset)));
+        }
+    }
+    Ok((version, metadata, tensors, data_start as usize))
+}
+
+/// The Hugging Face name of a llama.cpp tensor, or None for tensors without one
+/// (e.g. `rope_freqs.weight`).
+pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+    match gguf_name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// llama.cpp's Q/K row permutation (`permute` in `convert_hf_to_gguf.py`): rows of `w`
+/// `(rows, cols)` viewed as `(n_head, 2, head_dim/2, cols)`, axes 1 and 2 swapped. It turns
+/// Hugging Face's rotate-half pairing (i, i + head_dim/2) into adjacent rows (2i, 2i+1).
+pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
+    // hf row h*hd + s*hd/2 + i  ->  gguf row h*hd + 2i + s
+    reorder_rows(w, rows, cols, n_head, |h, s, i, hd| (h * hd + s * hd / 2 + i, h * hd + 2 * i + s))
+}
+
+/// The inverse of [`permute_qk`] (transformers' `reverse_permute_weights`): rows viewed as
+/// `(n_head, head_dim/2, 2, cols)`, axes 1 and 2 swapped.
+pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
+    // gguf row h*hd + 2i + s  ->  hf row h*hd + s*hd/2 + i
+    reorder_rows(w, rows, cols, n_head, |h, s, i, hd| (h * hd + 2 * i + s, h * hd + s * hd / 2 + i))
+}
+
+/// Moves row `from` to row `to` for every (head, s, i) as given by `map`.
+fn reorder_rows(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+    map: impl Fn(usize, usize, usize, usize) -> (usize, usize),
+) -> Result<Vec<f32>> {
+    if n_head == 0 || rows % (2 * n_head) != 0 || w.len() != rows * cols {
+        return Err(Error::msg(format!("cannot permute a ({rows}, {cols}) matrix into {n_head} heads of even size")));
+    }
+    let hd = rows / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..hd / 2 {
+                let (from, to) = map(h, s, i, hd);
+                out[to * cols..(to + 1) * cols].copy_from_slice(&w[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn meta_u64(g: &GgufFile, key: &str) -> Option<u64> {
+    g.get(key).and_then(|v| v.as_u64())
+}
+
+fn required_usize(g: &GgufFile, key: &str) -> Result<usize> {
+    meta_u64(g, key)
+        .map(|x| x as usize)
+        .ok_or_else(|| Error::format(g.path(), format!("metadata `{key}` is missing or not an integer")))
+}
+
+/// Builds the Hugging Face config of a llama GGUF from its metadata.
+pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
+    let arch = g
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::format(g.path(), "metadata `general.architecture` is missing"))?;
+    if arch != "llama" {
+        return Err(Error::UnknownArchitecture(arch.to_string()));
+    }
+    if meta_u64(g, "llama.expert_count").unwrap_or(0) > 0 {
+        return Err(Error::config("llama.expert_count", "mixture-of-experts models are not supported"));
+    }
+    let hidden = required_usize(g, "llama.embedding_length")?;
+    let heads = required_usize(g, "llama.attention.head_count")?;
+    let kv_heads = meta_u64(g, "llama.attention.head_count_kv").map(|x| x as usize).unwrap_or(heads);
+    if heads == 0 {
+        return Err(Error::config("llama.attention.head_count", "must be positive"));
+    }
+    let head_dim = meta_u64(g, "llama.attention.key_length").map(|x| x as usize).unwrap_or(hidden / heads);
+    if let Some(rot) = meta_u64(g, "llama.rope.dimension_count") {
+        if rot as usize != head_dim {
+            return Err(Error::config("llama.rope.dimension_count", format!("partial rotary ({rot} of {head_dim}) is not supported")));
+        }
+    }
+    let vocab = meta_u64(g, "llama.vocab_size")
+        .map(|x| x as usize)
+        .or_else(|| g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()))
+        .or_else(|| g.tensor_info("token_embd.weight").and_then(|t| t.dims.get(1).map(|&d| d as usize)))
+        .ok_or_else(|| Error::format(g.path(), "cannot tell the vocabulary size"))?;
+    let rope_scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+        None | Some("none") => None,
+        Some(t) => Some(serde_json::json!({
+            "rope_type": t,
+            "factor": g.get("llama.rope.scaling.factor").and_then(|v| v.as_f64()),
+        })),
+    };
+    let id = |key: &str| meta_u64(g, key).map(serde_json::Value::from);
+    Ok(HfConfig {
+        architectures: Some(vec!["LlamaForCausalLM".into()]),
+        model_type: Some("llama".into()),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: required_usize(g, "llama.feed_forward_length")?,
+        num_hidden_layers: required_usize(g, "llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(kv_heads),
+        head_dim: (head_dim != hidden / heads).then_some(head_dim),
+        rms_norm_eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(|v| v.as_f64()).unwrap_or(1e-5),
+        rope_theta: Some(g.get("llama.rope.freq_base").and_then(|v| v.as_f64()).unwrap_or(10000.0)),
+        rope_parameters: None,
+        rope_scaling,
+        max_position_embeddings: meta_u64(g, "llama.context_length").map(|x| x as usize).unwrap_or(2048),
+        tie_word_embeddings: g.tensor_info("output.weight").is_none(),
+        attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+        mlp_bias: g.tensor_info("blk.0.ffn_up.bias").is_some(),
+        hidden_act: Some("silu".into()),
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: id("tokenizer.ggml.eos_token_id"),
+        pad_token_id: id("tokenizer.ggml.padding_token_id"),
+        torch_dtype: None,
+    })
+}
+
+/// All tensors with a Hugging Face name, dequantised, in HF shapes, Q/K rows un-permuted.
+pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
+    let heads = config.num_attention_heads;
+    let kv_heads = config.num_key_value_heads.unwrap_or(heads);
+    let mut w = Weights::new(Some(g.path().to_path_buf()));
+    for info in &g.tensors {
+        let Some(name) = hf_tensor_name(&info.name) else { continue };
+        let mut t = g.tensor_f32(info)?;
+        let n_head = if name.contains(".self_attn.q_proj.") {
+            Some(heads)
+        } else if name.contains(".self_attn.k_proj.") {
+            Some(kv_heads)
+        } else {
+            None
+        };
+        if let Some(n_head) = n_head {
+            // weight (out, in) or bias (out,): rows are the out features.
+            let shape = t.dims().to_vec();
+            let rows = shape[0];
+            let cols = shape.iter().skip(1).product::<usize>();
+            let data = unpermute_qk(&t.flatten_all()?.to_vec1::<f32>()?, rows, cols, n_head)
+                .map_err(|e| Error::format(g.path(), format!("tensor `{}`: {e}", info.name)))?;
+            t = Tensor::from_vec(data, shape, &Device::Cpu)?;
+        }
+        w.insert(name, t);
+    }
+    Ok(w)
+}
+
+/// Loads a llama GGUF as a Hugging Face model. A tokenizer type that cannot be converted
+/// leaves `tokenizer` empty with a note on stderr, so the weights stay usable.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let g = GgufFile::open(path)?;
+    let config = hf_config(&g)?;
+    let tokenizer = match crate::io::gguf_tokenizer::load_tokenizer(&g.metadata) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("note: {}: no tokenizer: {e}", path.display());
+            None
+        }
+    };
+    let weights = hf_weights(&g, &config)?;
+    Ok(LoadedModel { config, weights, tokenizer, path: path.to_path_buf(), kind: SourceKind::Gguf })
+}

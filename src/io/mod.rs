@@ -2,6 +2,7 @@
 //! the hub cache, and PEFT's adapter format.
 
 pub mod atomic;
+pub mod dash;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;

@@ -9,13 +9,20 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 
+mod cpu;
+mod elementwise;
+pub mod gradcheck;
+mod linear;
+
+pub use elementwise::{dropout, silu_mul};
+
 /// Label value that is excluded from the loss (Hugging Face convention).
 pub const IGNORE_INDEX: i64 = -100;
 
 /// `x · wᵀ` for a frozen weight `w` (out, in); `x` is (.., in). The backward returns the
 /// gradient of `x` only: no weight-gradient GEMM, no weight-sized buffer.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    reference::frozen_linear(x, w)
+    linear::frozen_linear(x, w)
 }
 
 /// Root-mean-square norm over the last dim, times `w`.
@@ -47,6 +54,10 @@ pub mod reference {
 
     pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok(x.broadcast_matmul(&w.t()?)?)
+    }
+
+    pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok((gate.silu()? * up)?)
     }
 
     pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -98,4 +109,16 @@ pub mod reference {
         let total = (picked * valid)?.sum_all()?.neg()?;
         Ok((total / (count.max(1.0) as f64))?)
     }
+}
+
+/// Inverted dropout: zeroes each element with probability `p` and scales the rest by
+/// 1/(1−p). The mask comes from our seeded generator so runs and resumes replay exactly.
+pub fn dropout(x: &Tensor, p: f32, rng: &mut crate::rng::Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f32() < p { 0.0 } else { keep }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * mask)?)
 }

@@ -15,12 +15,39 @@ use crate::train::schedule::ScheduleKind;
 pub enum Method {
     /// Plain LoRA.
     Lora,
+    /// LoRA-Dash: LoRA for `t` optimizer steps (pre-launch), then per adapted layer the
+    /// `s` task-specific directions get a trainable coefficient each (dash).
+    Dash(DashConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DashConfig {
+    /// Pre-launch length in optimizer steps.
+    pub t: usize,
+    /// Directions per layer.
+    pub s: usize,
+    /// Stop training A and B after the switch.
+    pub freeze_ab: bool,
+}
+
+impl Default for DashConfig {
+    fn default() -> Self {
+        DashConfig { t: 100, s: 8, freeze_ab: false }
+    }
 }
 
 impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::Lora => "lora",
+            Method::Dash(_) => "dash",
+        }
+    }
+
+    pub fn dash(&self) -> Option<&DashConfig> {
+        match self {
+            Method::Dash(d) => Some(d),
+            _ => None,
         }
     }
 }
@@ -90,6 +117,16 @@ impl TrainConfig {
         if let Some(g) = self.max_grad_norm {
             if !(g > 0.0) {
                 return Err(Error::config("max_grad_norm", "must be positive (omit it to disable clipping)"));
+            }
+        }
+        if let Method::Dash(d) = &self.method {
+            if d.t == 0 {
+                return Err(Error::config("dash_t", "must be at least 1 (LoRA-Dash selects directions from a trained LoRA)"));
+            }
+            if let Some(m) = self.max_steps {
+                if d.t >= m {
+                    return Err(Error::config("dash_t", format!("{} is not before the end of the run ({m} steps)", d.t)));
+                }
             }
         }
         Ok(())

@@ -6,4 +6,5 @@ pub mod plot;
 pub mod schedule;
 pub mod checkpoint;
 pub mod config;
+pub mod dash;
 pub mod trainer;

@@ -1,7 +1,7 @@
 //! The fine-tuning loop: micro-batches with gradient accumulation, AdamW with a warmup
 //! schedule and norm clipping, periodic validation and checkpoints, exact resume.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -16,12 +16,20 @@ use crate::models::{Ctx, Llama};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::TrainConfig;
-use crate::train::metrics::{MetricRecord, MetricsLog};
+use crate::io::atomic::StagedDir;
+use crate::train::dash::{DashRuntime, DashState};
+use crate::train::metrics::{read_records, MetricRecord, MetricsLog};
+use crate::train::plot::plot_loss_curve;
+use crate::tsd::svd::{default_cache_dir, SvdCache};
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = "run_config.json";
+/// LoRA-Dash: the PEFT adapter at the switch (the A, B the selection used).
+pub const SWITCH_DIR: &str = "switch";
+/// LoRA-Dash: the rank-(r+s) PEFT export.
+pub const EXPORT_DIR: &str = "peft";
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -111,7 +119,7 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
 
 fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkpoint>) -> Result<RunSummary> {
     let Prepared {
-        model, tokenizer, train, val, adapted,
+        mut model, tokenizer, train, val, adapted,
     } = prep;
     let pad_id = tokenizer.pad_or_eos();
     let total_steps = cfg.total_steps(train.len());
@@ -121,8 +129,43 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
         total_steps,
         base_lr: cfg.lr,
     };
-    let vars = model.trainable_vars();
-    let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut dash = match cfg.method.dash() {
+        Some(d) => {
+            if d.t >= total_steps {
+                return Err(Error::config("dash_t", format!("{} is not before the end of the run ({total_steps} steps)", d.t)));
+            }
+            Some(DashRuntime::start(&model, d.clone(), SvdCache::new(default_cache_dir()))?)
+        }
+        None => None,
+    };
+    let fp = fingerprint(cfg);
+    let mut loader = Loader::new(train.len(), cfg.batch_size, cfg.seed)?;
+    let mut rng = Rng::derive(cfg.seed, "dropout");
+    let mut step = 0usize;
+    let metrics_path = cfg.out.join(METRICS_FILE);
+    let mut resumed_opt_state = None;
+    let mut metrics = match &resume {
+        Some(ck) => {
+            if ck.state.config_fingerprint != fp {
+                return Err(Error::format(&ck.dir, "checkpoint was written by a run with a different configuration"));
+            }
+            if let (Some(rt), false) = (dash.as_mut(), ck.state.method_state.is_null()) {
+                let st: DashState = serde_json::from_value(ck.state.method_state.clone())?;
+                if st.switched {
+                    rt.restore(&mut model, &st)?;
+                }
+            }
+            restore_vars(&model.trainable_vars(), &ck.trainable)?;
+            resumed_opt_state = Some(&ck.optimizer);
+            loader = Loader::resume(train.len(), cfg.batch_size, cfg.seed, ck.state.loader)?;
+            rng = ck.state.rng.clone();
+            step = ck.state.step;
+            eprintln!("resuming from {} at step {step}", ck.dir.display());
+            MetricsLog::resume(&metrics_path, step)?
+        }
+        None => MetricsLog::create(&metrics_path)?,
+    };
+    let mut vars = model.trainable_vars();
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -133,29 +176,13 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
             weight_decay: cfg.weight_decay,
         },
     )?;
-    let mut loader = Loader::new(train.len(), cfg.batch_size, cfg.seed);
-    let mut rng = Rng::derive(cfg.seed, "dropout");
-    let mut step = 0usize;
-    let fp = fingerprint(cfg);
-    let metrics_path = cfg.out.join(METRICS_FILE);
-    let mut metrics;
-    if let Some(ck) = resume {
-        if ck.state.config_fingerprint != fp {
-            return Err(Error::format(&ck.dir, "checkpoint was written by a run with a different configuration"));
-        }
-        restore_vars(&vars, &ck.trainable)?;
-        opt.load_state(&ck.optimizer)?;
-        loader.set_state(ck.state.loader.clone());
-        rng = ck.state.rng.clone();
-        step = ck.state.step;
-        metrics = MetricsLog::resume(&metrics_path, step)?;
-        eprintln!("resuming from {} at step {step}", ck.dir.display());
-    } else {
-        metrics = MetricsLog::create(&metrics_path)?;
+    if let Some(st) = resumed_opt_state {
+        opt.load_state(st)?;
     }
-
+    let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
-        "{} adapted layers, {} trainable parameters, {} train / {} val examples, {} steps",
+        "{}: {} adapted layers, {} trainable parameters, {} train / {} val examples, {} steps",
+        cfg.method.name(),
         adapted.len(),
         trainable_params,
         train.len(),
@@ -182,26 +209,14 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
             let ctx = Ctx::train(rng.clone());
             let loss = model.loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?;
             rng = ctx.into_rng();
-            let lv = loss.to_scalar::<f32>()?;
-            loss_sum += lv;
+            loss_sum += loss.to_scalar::<f32>()?;
             let grads = (loss / cfg.grad_accum as f64)?.backward()?;
             acc = Some(match acc {
                 None => grads,
-                Some(mut a) => {
-                    for (_, v) in &vars {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let sum = match a.get(v.as_tensor()) {
-                                Some(prev) => (prev + g)?,
-                                None => g.clone(),
-                            };
-                            a.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    a
-                }
+                Some(a) => add_grads(a, &grads, &vars)?,
             });
         }
-        let mut grads = acc.expect("grad_accum >= 1");
+        let grads = acc.expect("grad_accum >= 1");
         if !checked_grads {
             for (name, v) in &vars {
                 if grads.get(v.as_tensor()).is_none() {
@@ -214,8 +229,12 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
         if !loss.is_finite() {
             return Err(Error::NonFinite { step, loss });
         }
-        let grad_norm = crate::train::optimizer::clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)?;
+        let grad_norm = match cfg.max_grad_norm {
+            Some(m) => opt.clip_grad_norm(&grads, m)?,
+            None => opt.grad_norm(&grads)?,
+        };
         opt.step(&grads, lr)?;
+        drop(grads);
         step += 1;
         let dt = t0.elapsed().as_secs_f64();
         run_tokens += tokens;
@@ -224,15 +243,43 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
             first_loss = loss;
         }
         last_loss = loss;
-        let mut rec = MetricRecord::new(step, loss, lr, tps);
-        rec.grad_norm = Some(grad_norm);
-        rec.elapsed_s = Some(run_start.elapsed().as_secs_f64());
+        let mut rec = MetricRecord {
+            step,
+            loss: loss as f64,
+            lr,
+            tokens_per_s: tps,
+            grad_norm: Some(grad_norm),
+            elapsed_s: Some(run_start.elapsed().as_secs_f64()),
+            ..Default::default()
+        };
+        if let Some(rt) = dash.as_mut() {
+            if !rt.state.switched && step == rt.cfg.t {
+                let staged = StagedDir::new(&cfg.out.join(SWITCH_DIR), true)?;
+                io::peft::save_lora(&model, &cfg.lora, Some(cfg.model.clone()), staged.path())?;
+                staged.commit()?;
+                let (new_vars, report, full) = rt.switch(&mut model)?;
+                crate::train::dash::write_report(&cfg.out, &report, &full)?;
+                if rt.cfg.freeze_ab {
+                    let keep: Vec<String> = model.trainable_vars().into_iter().map(|(n, _)| n).collect();
+                    opt.retain(|n| keep.iter().any(|k| k == n));
+                }
+                let new_vars: Vec<_> = new_vars.into_iter().filter(|(_, v)| v.elem_count() > 0).collect();
+                opt.add_params(new_vars)?;
+                vars = model.trainable_vars();
+                checked_grads = false;
+                rec.extra.insert("dash_switch".into(), serde_json::json!({"stall_s": report.stall_s, "switch_s": report.switch_s}));
+                bar.println(format!(
+                    "step {step}: switched to LoRA-Dash (selection {:.2} s, of which {:.2} s waiting for SVDs)",
+                    report.switch_s, report.stall_s
+                ));
+            }
+        }
         let eval_now = !val.is_empty() && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total_steps);
         if eval_now {
             let vl = validation_loss(&model, &val, cfg.batch_size, pad_id)?;
             first_val.get_or_insert(vl);
             last_val = Some(vl);
-            rec.val_loss = Some(vl);
+            rec.val_loss = Some(vl as f64);
             bar.println(format!("step {step}: val_loss {vl:.4}"));
         }
         metrics.append(&rec)?;
@@ -244,16 +291,32 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
                 total_steps,
                 loader: loader.state(),
                 rng: rng.clone(),
-                method_state: serde_json::Value::Null,
+                method_state: match &dash {
+                    Some(rt) => serde_json::to_value(&rt.state)?,
+                    None => serde_json::Value::Null,
+                },
                 config_fingerprint: fp.clone(),
             };
-            checkpoint::save(&cfg.out.join("checkpoints"), &vars_to_weights(&vars), &opt.state_weights()?, &state)?;
+            let opt_state: Vec<(String, Tensor)> = opt.state_tensors()?;
+            let mut ow = Weights::new(None);
+            for (n, t) in opt_state {
+                ow.insert(n, t);
+            }
+            checkpoint::save(&cfg.out.join("checkpoints"), &vars_to_weights(&vars), &ow, &state)?;
         }
     }
     bar.finish_and_clear();
     let base = Some(cfg.model.clone());
-    io::peft::save_lora(&model, &cfg.lora, base, &cfg.out)?;
-    if let Err(e) = crate::train::plot::plot_loss_curve(&metrics.records()?, &cfg.out.join("loss.png")) {
+    match &dash {
+        Some(rt) => {
+            crate::io::dash::save_native(&model, &cfg.lora, rt.cfg.t, rt.cfg.s, rt.cfg.freeze_ab, base.clone(), &cfg.out)?;
+            let staged = StagedDir::new(&cfg.out.join(EXPORT_DIR), true)?;
+            crate::io::dash::save_peft_export(&model, &cfg.lora, rt.cfg.s, base, staged.path())?;
+            staged.commit()?;
+        }
+        None => io::peft::save_lora(&model, &cfg.lora, base, &cfg.out)?,
+    }
+    if let Err(e) = read_records(&metrics_path).and_then(|r| plot_loss_curve(&r, &cfg.out.join("loss.png"))) {
         eprintln!("warning: could not draw the loss curve: {e}");
     }
     let secs = run_start.elapsed().as_secs_f64();
@@ -268,6 +331,20 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
         adapted_layers: adapted.len(),
         trainable_params,
     })
+}
+
+/// Adds the gradients of `vars` in `new` into `acc`.
+fn add_grads(mut acc: GradStore, new: &GradStore, vars: &[(String, Var)]) -> Result<GradStore> {
+    for (_, v) in vars {
+        if let Some(g) = new.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
 }
 
 /// Token-weighted mean loss over `val`, without dropout.

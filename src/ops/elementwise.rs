@@ -1,0 +1,171 @@
+//! Fused element-wise ops: `silu(gate) * up` (the LLaMA MLP gate) and inverted dropout.
+//!
+//! candle's composed `gate.silu()? * up` stores the silu output and, in backward, rebuilds
+//! `sigmoid(gate)` from four more element-wise passes plus the product rule's two; the
+//! fused op does forward in one pass and backward in one pass. Dropout is a custom op so
+//! that backward is one multiply by the kept mask (candle's `mul` would also form a
+//! gradient for the mask).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{f32_data, is_cpu_f32, CResult};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// Elements per rayon task for element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// `silu(gate) * up`, differentiable in both arguments.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        return Err(Error::ShapeMismatch {
+            name: "silu_mul up".into(),
+            expected: gate.dims().to_vec(),
+            got: up.dims().to_vec(),
+        });
+    }
+    if !(is_cpu_f32(gate) && is_cpu_f32(up)) {
+        return super::reference::silu_mul(gate, up);
+    }
+    Ok(gate.apply_op2(up, SiluMul)?)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_data(s1, l1, "silu-mul")?;
+        let u = f32_data(s2, l2, "silu-mul")?;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let need_g = gate.track_op();
+        let need_u = up.track_op();
+        if !need_g && !need_u {
+            return Ok((None, None));
+        }
+        // Packed (2, ..) output: [d gate, d up]; each half is narrowed back out as a view.
+        let both = gate.apply_op3_no_bwd(up, grad, &SiluMulBwd)?;
+        let n = gate.elem_count();
+        let dg = both.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let du = both.narrow(0, n, n)?.reshape(gate.shape())?;
+        Ok((need_g.then_some(dg), need_u.then_some(du)))
+    }
+}
+
+struct SiluMulBwd;
+
+impl CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "silu-mul-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_data(s1, l1, "silu-mul-bwd")?;
+        let u = f32_data(s2, l2, "silu-mul-bwd")?;
+        let dy = f32_data(s3, l3, "silu-mul-bwd")?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+            .for_each(|((dg, du), ((g, u), dy))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    let silu = g[i] * s;
+                    // d silu / d g = s (1 + g (1 - s))
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = dy[i] * silu;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+/// Inverted dropout: each element is kept with probability `1 - p` and scaled by
+/// `1 / (1 - p)`. The mask draws one `rng.next_f32()` per element in row-major order (kept
+/// when the draw is `>= p`), so a restored `Rng` replays it. Identity when `p == 0`.
+pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::msg(format!("dropout probability {p} is outside [0, 1)")));
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let keep: Vec<bool> = (0..x.elem_count()).map(|_| rng.next_f32() >= p).collect();
+    let scale = 1.0 / (1.0 - p);
+    if !is_cpu_f32(x) {
+        let mask: Vec<f32> = keep.iter().map(|&k| if k { scale } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        return Ok(x.mul(&mask)?);
+    }
+    Ok(x.apply_op1(Dropout {
+        keep: Arc::new(keep),
+        scale,
+    })?)
+}
+
+/// Multiplies by the kept mask times `scale`; backward applies the same mask to the gradient.
+struct Dropout {
+    keep: Arc<Vec<bool>>,
+    scale: f32,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, "dropout")?;
+        if x.len() != self.keep.len() {
+            return Err(candle_core::Error::Msg("dropout: mask size does not match input".into()).bt());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(self.keep.par_chunks(CHUNK)))
+            .for_each(|(o, (x, k))| {
+                for ((o, &x), &k) in o.iter_mut().zip(x).zip(k) {
+                    *o = if k { x * self.scale } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let same = Dropout {
+            keep: self.keep.clone(),
+            scale: self.scale,
+        };
+        Ok(Some(grad.apply_op1_no_bwd(&same)?))
+    }
+}

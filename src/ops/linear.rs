@@ -1,0 +1,183 @@
+//! `x · wᵀ` against a frozen weight, as a candle custom op whose backward returns only
+//! `dx = dy · w`. candle's own matmul backward always also forms `xᵀ · dy`, the weight
+//! gradient, even when the weight is not trainable: one extra GEMM and one weight-sized
+//! buffer per layer per step. Both directions call the `gemm` crate directly with the
+//! weight's own strides, so a transposed or sliced weight is never copied.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+
+use super::cpu::{f32_data, gemm_f32, is_cpu_f32, CResult};
+use crate::error::{Error, Result};
+
+/// `x (.., in) · wᵀ` with `w (out, in)`; gradient for `x` only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_out_dim, in_dim) = w.dims2()?;
+    let x_in = x.dims().last().copied().unwrap_or(0);
+    if x.rank() == 0 || x_in != in_dim {
+        return Err(Error::ShapeMismatch {
+            name: "frozen_linear input".into(),
+            expected: vec![in_dim],
+            got: x.dims().to_vec(),
+        });
+    }
+    if !(is_cpu_f32(x) && is_cpu_f32(w)) {
+        // Other devices / dtypes: candle's matmul is correct, only less frugal in backward.
+        return super::reference::frozen_linear(x, &w.detach());
+    }
+    Ok(x.apply_op1(FrozenLinear { w: w.detach() })?)
+}
+
+/// Forward op: holds the weight, differentiates with respect to `x` only.
+struct FrozenLinear {
+    w: Tensor,
+}
+
+/// Backward op: `dy (.., out) · w (out, in) -> (.., in)`, itself not differentiable.
+struct FrozenLinearBwd {
+    w: Tensor,
+}
+
+/// Runs `x (m, k)` against the weight's storage. `transpose_w` selects `x · wᵀ` (forward,
+/// k = in) or `x · w` (backward, k = out).
+fn apply_weight(w: &Tensor, x: &[f32], lead: &[usize], transpose_w: bool) -> CResult<(CpuStorage, Shape)> {
+    let (w_store, w_l) = w.storage_and_layout();
+    let wv: &[f32] = match &*w_store {
+        Storage::Cpu(CpuStorage::F32(v)) => v.as_slice(),
+        _ => return Err(candle_core::Error::Msg("frozen_linear: weight must be f32 on the CPU".into()).bt()),
+    };
+    let (rows, cols) = (w_l.dims()[0], w_l.dims()[1]);
+    let (s_row, s_col) = (w_l.stride()[0], w_l.stride()[1]);
+    let wv = &wv[w_l.start_offset()..];
+    // rhs (k, n): forward reads wᵀ, so stepping k walks w's columns and n its rows.
+    let (k, n, rhs_rs, rhs_cs) = if transpose_w {
+        (cols, rows, s_col, s_row)
+    } else {
+        (rows, cols, s_row, s_col)
+    };
+    let m = if k == 0 { lead.iter().product() } else { x.len() / k };
+    let mut out = vec![0f32; m * n];
+    gemm_f32(m, n, k, &mut out, x, k, 1, wv, rhs_rs, rhs_cs);
+    let mut dims = lead.to_vec();
+    dims.push(n);
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s, l, "frozen-linear")?;
+        let dims = l.dims();
+        apply_weight(&self.w, &x, &dims[..dims.len() - 1], true)
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let dx = grad.apply_op1_no_bwd(&FrozenLinearBwd { w: self.w.clone() })?;
+        Ok(Some(dx))
+    }
+}
+
+impl CustomOp1 for FrozenLinearBwd {
+    fn name(&self) -> &'static str {
+        "frozen-linear-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dy = f32_data(s, l, "frozen-linear-bwd")?;
+        let dims = l.dims();
+        apply_weight(&self.w, &dy, &dims[..dims.len() - 1], false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{finite_difference_check, max_abs_diff, randn};
+    use crate::ops::reference;
+    use candle_core::Var;
+
+    #[test]
+    fn matches_reference_values_and_input_gradient() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[2, 5, 24], 1)?)?;
+        let w = randn(&[17, 24], 2)?;
+        let y = frozen_linear(x.as_tensor(), &w)?;
+        let y_ref = reference::frozen_linear(x.as_tensor(), &w)?;
+        let d = max_abs_diff(&y, &y_ref)?;
+        println!("frozen_linear forward max |diff| = {d:e}");
+        assert!(d < 1e-5, "forward diff {d}");
+        assert_eq!(y.dims(), &[2, 5, 17]);
+
+        let proj = randn(&[2, 5, 17], 3)?;
+        let g = (y * &proj)?.sum_all()?.backward()?;
+        let g_ref = (y_ref * &proj)?.sum_all()?.backward()?;
+        let d = max_abs_diff(g.get(&x).expect("dx"), g_ref.get(&x).expect("dx ref"))?;
+        println!("frozen_linear dx max |diff| = {d:e}");
+        assert!(d < 1e-5, "dx diff {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn weight_gets_no_gradient_even_as_var() -> Result<()> {
+        // A plain tensor weight: no gradient entry at all.
+        let x = Var::from_tensor(&randn(&[3, 8], 4)?)?;
+        let w = randn(&[6, 8], 5)?;
+        let g = frozen_linear(x.as_tensor(), &w)?.sum_all()?.backward()?;
+        assert!(g.get(&w).is_none());
+        assert!(g.get(&x).is_some());
+        // Even a Var weight is treated as frozen: the op detaches it.
+        let wv = Var::from_tensor(&w)?;
+        let g = frozen_linear(x.as_tensor(), wv.as_tensor())?.sum_all()?.backward()?;
+        assert!(g.get(&wv).is_none());
+        let dx = g.get(&x).expect("dx");
+        // d/dx sum(x wᵀ) = 1ᵀ w: every row equals the column sums of w.
+        let col = w.sum_keepdim(0)?.broadcast_as((3, 8))?;
+        let d = max_abs_diff(dx, &col)?;
+        println!("frozen_linear dx vs column sums max |diff| = {d:e}");
+        assert!(d < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn non_contiguous_input_and_weight() -> Result<()> {
+        // x as a transposed view (4, 3, 10) -> (3, 4, 10) and w given as a transpose.
+        let x0 = Var::from_tensor(&randn(&[4, 3, 10], 6)?)?;
+        let wt = randn(&[10, 7], 7)?; // w = wtᵀ, (7, 10) with strides (1, 7)
+        let w = wt.t()?;
+        let f = |x: &Tensor| frozen_linear(&x.transpose(0, 1)?, &w);
+        let y = f(x0.as_tensor())?;
+        let y_ref = reference::frozen_linear(&x0.as_tensor().transpose(0, 1)?, &w.contiguous()?)?;
+        let d = max_abs_diff(&y, &y_ref)?;
+        println!("frozen_linear strided forward max |diff| = {d:e}");
+        assert!(d < 1e-5);
+        let g = y.sum_all()?.backward()?;
+        let g_ref = y_ref.sum_all()?.backward()?;
+        let d = max_abs_diff(g.get(&x0).expect("dx"), g_ref.get(&x0).expect("dx ref"))?;
+        println!("frozen_linear strided dx max |diff| = {d:e}");
+        assert!(d < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn finite_differences() -> Result<()> {
+        let x = randn(&[3, 2, 9], 8)?;
+        let w = randn(&[5, 9], 9)?;
+        let rep = finite_difference_check(
+            "frozen_linear",
+            |t: &[Tensor]| frozen_linear(&t[0], &w),
+            &[x],
+            &[0],
+            1e-2,
+        )?;
+        rep.assert_within(2e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let x = randn(&[3, 8], 1).expect("x");
+        let w = randn(&[6, 7], 2).expect("w");
+        assert!(matches!(frozen_linear(&x, &w), Err(Error::ShapeMismatch { .. })));
+    }
+}
