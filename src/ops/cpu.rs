@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
 
 pub(crate) type CResult<T> = candle_core::Result<T>;
@@ -24,6 +25,14 @@ pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> C
         }
     };
     Ok(dense(v, l))
+}
+
+/// The whole f32 buffer behind `s`, to be indexed through a layout's own strides.
+pub(crate) fn f32_storage<'a>(s: &'a CpuStorage, op: &'static str) -> CResult<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v.as_slice()),
+        other => Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), op).bt()),
+    }
 }
 
 /// The i64 data of `s` viewed through `l`, row-major.

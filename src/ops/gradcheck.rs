@@ -113,7 +113,7 @@ where
         let n = base_host.len();
         let step = n.div_ceil(MAX_POINTS).max(1);
         for j in (0..n).step_by(step) {
-            let mut probe = |delta: f64| -> Result<(f64, f64)> {
+            let probe = |delta: f64| -> Result<(f64, f64)> {
                 let mut v = base_host.clone();
                 v[j] += delta;
                 let t = Tensor::from_vec(v, n, &Device::Cpu)?

@@ -110,15 +110,3 @@ pub mod reference {
         Ok((total / (count.max(1.0) as f64))?)
     }
 }
-
-/// Inverted dropout: zeroes each element with probability `p` and scales the rest by
-/// 1/(1−p). The mask comes from our seeded generator so runs and resumes replay exactly.
-pub fn dropout(x: &Tensor, p: f32, rng: &mut crate::rng::Rng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f32() < p { 0.0 } else { keep }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x * mask)?)
-}

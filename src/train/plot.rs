@@ -42,12 +42,12 @@ fn draw(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)], text: bool) -> st
     root.present().map_err(|e| e.to_string())
 }
 
-fn plot_into(
-    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+fn plot_into<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
     train: &[(f64, f64)],
     val: &[(f64, f64)],
     text: bool,
-) -> std::result::Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>> {
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     root.fill(&WHITE)?;
     let (x_range, y_range) = ranges(train.iter().chain(val));
     let mut builder = ChartBuilder::on(root);
@@ -64,7 +64,6 @@ fn plot_into(
             .configure_mesh()
             .x_desc("optimizer step")
             .y_desc("loss")
-            .light_line_style(WHITE.mix(0.0))
             .draw()?;
     } else {
         chart.plotting_area().draw(&Rectangle::new(
