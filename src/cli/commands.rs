@@ -76,3 +76,43 @@ pub fn generate(model: &str, adapter: Option<&Path>, prompts: &[String], alpaca:
     }
     Ok(())
 }
+
+/// Runs a short training job and prints one JSON line: tokens/s and step time over the
+/// steps after `skip`, peak RSS, and the last loss.
+pub fn bench(mut args: TrainArgs, skip: usize) -> Result<()> {
+    let scratch = tempfile_dir()?;
+    if args.out.is_none() {
+        args.out = Some(scratch.join("run"));
+    }
+    args.overwrite = Some(true);
+    if args.max_steps.is_none() {
+        args.max_steps = Some(skip + 10);
+    }
+    let cfg = args.resolve()?;
+    if cfg.max_steps.unwrap_or(0) <= skip {
+        return Err(Error::config("max_steps", format!("must exceed --skip ({skip})")));
+    }
+    let s = crate::train::trainer::train(&cfg)?;
+    let recs = crate::train::metrics::read_records(&cfg.out.join(crate::train::trainer::METRICS_FILE))?;
+    let timed: Vec<_> = recs.iter().filter(|r| r.step > skip).collect();
+    let tokens: f64 = timed.iter().filter_map(|r| r.extra.get("tokens").and_then(|v| v.as_f64())).sum();
+    let secs: f64 = timed.iter().filter_map(|r| r.extra.get("step_s").and_then(|v| v.as_f64())).sum();
+    let out = serde_json::json!({
+        "method": cfg.method.name(),
+        "steps_timed": timed.len(),
+        "tokens_per_s": tokens / secs,
+        "step_time_s": secs / timed.len().max(1) as f64,
+        "peak_rss_gib": s.peak_rss_bytes as f64 / (1u64 << 30) as f64,
+        "final_loss": s.last_loss,
+        "threads": rayon::current_num_threads(),
+    });
+    println!("{out}");
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("lora-dash-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    Ok(d)
+}

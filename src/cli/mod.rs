@@ -42,6 +42,15 @@ pub enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Measure training throughput and peak memory: runs `train` for a few steps in a
+    /// scratch directory and reports tokens/s over the steps after `--skip`.
+    Bench {
+        #[command(flatten)]
+        args: TrainArgs,
+        /// Untimed steps at the start (warm-up).
+        #[arg(long, default_value_t = 2)]
+        skip: usize,
+    },
     /// Greedy generation with a KV cache, for quick checks.
     Generate {
         #[arg(long)]
@@ -61,6 +70,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> crate::Result<()> {
     match cli.command {
         Command::Train(args) => commands::train(args),
+        Command::Bench { args, skip } => commands::bench(args, skip),
         Command::Convert { model, out, overwrite } => commands::convert(&model, &out, overwrite),
         Command::Merge {
             model,

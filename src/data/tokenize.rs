@@ -169,19 +169,21 @@ pub(crate) mod tests {
     }
 
     /// LLM-Adapters' `generate_and_tokenize_prompt` run by transformers 4.46.3 with the SmolLM2
-    /// GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) on ARC-Easy train
-    /// records 0 and 1 and a made-up record with an input: (record, cutoff_len,
-    /// train_on_inputs, len(input_ids), number of -100 labels, sum(input_ids), last 4 ids).
+    /// GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`, then
+    /// `add_bos_token = False` and `eos_token = "<|im_end|>"` as the GGUF metadata declares;
+    /// transformers' GGUF conversion ignores both) on ARC-Easy train records 0 and 1 and a
+    /// made-up record with an input: (record, cutoff_len, train_on_inputs, len(input_ids),
+    /// number of -100 labels, sum(input_ids), last 4 ids).
     const SMOLLM2_REF: [(usize, usize, bool, usize, usize, u64, [u32; 4]); 9] = [
-        (0, 256, false, 113, 106, 573072, [314, 2988, 34, 1]),
-        (0, 256, true, 113, 0, 573072, [314, 2988, 34, 1]),
-        (0, 100, false, 100, 100, 486837, [11247, 35, 31, 11247]),
-        (1, 256, false, 107, 100, 585297, [314, 2988, 34, 1]),
-        (1, 256, true, 107, 0, 585297, [314, 2988, 34, 1]),
-        (1, 100, false, 100, 100, 575825, [20749, 14212, 42, 1047]),
-        (2, 256, false, 56, 52, 437330, [1069, 23214, 30, 1]),
-        (2, 256, true, 56, 0, 437330, [1069, 23214, 30, 1]),
-        (2, 100, false, 56, 52, 437330, [1069, 23214, 30, 1]),
+        (0, 256, false, 112, 105, 573072, [314, 2988, 34, 2]),
+        (0, 256, true, 112, 0, 573072, [314, 2988, 34, 2]),
+        (0, 100, false, 100, 100, 486872, [35, 31, 11247, 36]),
+        (1, 256, false, 106, 99, 585297, [314, 2988, 34, 2]),
+        (1, 256, true, 106, 0, 585297, [314, 2988, 34, 2]),
+        (1, 100, false, 100, 99, 576084, [14212, 42, 1047, 260]),
+        (2, 256, false, 55, 51, 437330, [1069, 23214, 30, 2]),
+        (2, 256, true, 55, 0, 437330, [1069, 23214, 30, 2]),
+        (2, 100, false, 55, 51, 437330, [1069, 23214, 30, 2]),
     ];
 
     #[test]

@@ -13,7 +13,7 @@ mod quants;
 #[cfg(test)]
 pub(crate) mod testutil;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -219,3 +219,78 @@ pub fn load_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
         json.to_string().parse().map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: {e}")))?;
     Ok(TextTokenizer { inner, bos_id: ids.bos, eos_id: ids.eos, pad_id: ids.pad, add_bos: ids.add_bos })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::gguf::testutil::{tiny_id, tiny_tokenizer_meta};
+
+    fn meta(pre: &str, add_bos: Option<bool>) -> Metadata {
+        tiny_tokenizer_meta(pre, add_bos).into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    fn ids(tokens: &[&str]) -> Vec<u32> {
+        tokens.iter().map(|t| tiny_id(t)).collect()
+    }
+
+    #[test]
+    fn byte_level_bpe_with_added_tokens() {
+        let tok = load_tokenizer(&meta("smollm", None)).unwrap();
+        assert_eq!((tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos), (Some(1), Some(2), Some(0), false));
+        assert_eq!(tok.encode("hello world").unwrap(), ids(&["hello", "Ġworld"]));
+        // Control tokens are matched whole, not byte-encoded.
+        let mut want = vec![1];
+        want.extend(ids(&["hello"]));
+        want.push(2);
+        assert_eq!(tok.encode("<|im_start|>hello<|im_end|>").unwrap(), want);
+        // Bytes outside ASCII go through the byte alphabet: "é" is 0xC3 0xA9 -> "Ã" "©".
+        assert_eq!(tok.encode("é").unwrap(), ids(&["Ã", "©"]));
+        assert_eq!(tok.decode(&tok.encode("hello world é!").unwrap()).unwrap(), "hello world é!");
+    }
+
+    #[test]
+    fn pre_tokenizer_follows_the_gguf_name() {
+        // "smollm" splits digits before BPE, so the "1 2" merge never applies; GPT-2's regex
+        // keeps "12" together and the merge does.
+        let smol = load_tokenizer(&meta("smollm", None)).unwrap();
+        assert_eq!(smol.encode("12").unwrap(), ids(&["1", "2"]));
+        let gpt2 = load_tokenizer(&meta("gpt-2", None)).unwrap();
+        assert_eq!(gpt2.encode("12").unwrap(), ids(&["12"]));
+        let unknown = load_tokenizer(&meta("something-new", None)).unwrap();
+        assert_eq!(unknown.encode("12 hello").unwrap(), ids(&["12", "Ġ", "hello"]));
+        let j = tokenizer_json(&meta("smollm", None)).unwrap();
+        assert_eq!(j["pre_tokenizer"]["pretokenizers"][0]["type"], "Digits");
+        // llama-3 vocabularies: llama-3's split regex, and BOS on by default.
+        let l3 = load_tokenizer(&meta("llama-bpe", None)).unwrap();
+        assert!(l3.add_bos);
+        let mut want = vec![1];
+        want.extend(ids(&["hello", "Ġworld"]));
+        assert_eq!(l3.encode("hello world").unwrap(), want);
+        assert_eq!(l3.encode_plain("hello world").unwrap(), want[1..]);
+    }
+
+    #[test]
+    fn add_bos_token_is_honoured() {
+        let on = load_tokenizer(&meta("smollm", Some(true))).unwrap();
+        assert!(on.add_bos);
+        assert_eq!(on.encode("hello").unwrap(), [1, tiny_id("hello")]);
+        assert_eq!(on.encode_plain("hello").unwrap(), [tiny_id("hello")]);
+        let off = load_tokenizer(&meta("llama-bpe", Some(false))).unwrap();
+        assert!(!off.add_bos);
+        assert_eq!(off.encode("hello").unwrap(), [tiny_id("hello")]);
+    }
+
+    #[test]
+    fn unsupported_or_broken_metadata_is_an_error() {
+        let mut m = meta("smollm", None);
+        m.insert("tokenizer.ggml.model".into(), GgufValue::String("llama".into()));
+        let e = load_tokenizer(&m).err().unwrap().to_string();
+        assert!(e.contains("SentencePiece"), "{e}");
+        let mut m = meta("smollm", None);
+        m.remove("tokenizer.ggml.merges");
+        assert!(load_tokenizer(&m).err().unwrap().to_string().contains("tokenizer.ggml.merges"));
+        let mut m = meta("smollm", None);
+        m.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(100_000));
+        assert!(load_tokenizer(&m).err().unwrap().to_string().contains("outside the vocabulary"));
+    }
+}

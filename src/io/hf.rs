@@ -329,3 +329,6 @@ pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrit
     stage.commit()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

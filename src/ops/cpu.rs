@@ -153,3 +153,164 @@ pub(crate) fn gemm_f32(
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
 }
+
+/// `e^x` in f32 without a libm call, so the loops that use it vectorise: Cephes `expf`
+/// range reduction (`x = n ln2 + z`, |z| ≤ ln2/2, n by the 1.5·2²³ rounding trick) and its
+/// degree-6 polynomial, about 1 ulp over the normal range. Below `ln(f32::MIN_POSITIVE)` it
+/// returns 0 (so `-inf` maps to 0), above `ln(f32::MAX)` +inf, and NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const HI: f32 = 88.72283;
+    const LO: f32 = -87.33654;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a short head (exact products with small n) and a tail.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    let xc = if x > HI {
+        HI
+    } else if x < LO {
+        LO
+    } else {
+        x
+    };
+    let r = xc * LOG2E + ROUND;
+    let n = (r.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let fx = r - ROUND;
+    let z = xc - fx * C1 - fx * C2;
+    let z2 = z * z;
+    let p = ((((1.987_569_1e-4 * z + 1.398_199_9e-3) * z + 8.333_452e-3) * z + 4.166_579_6e-2) * z + 1.666_666_5e-1) * z
+        + 5.000_000_1e-1;
+    let y = p * z2 + z + 1.0;
+    let scale = f32::from_bits((n.wrapping_add(127) as u32) << 23);
+    let out = y * scale;
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        out
+    }
+}
+
+/// Lanes for the manual reductions below: independent accumulators let the compiler keep
+/// them in one vector register (a single running float sum would serialise the loop).
+const LANES: usize = 8;
+
+/// Maximum of a row; `-inf` for an empty row. NaN entries are skipped, like `f32::max`.
+pub(crate) fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let mut m = tail.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for a in acc {
+        m = m.max(a);
+    }
+    m
+}
+
+/// `Σ exp(x - shift)`, lane-accumulated in f32 and combined in f64.
+pub(crate) fn sum_exp(x: &[f32], shift: f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += exp_f32(c[i] - shift);
+        }
+    }
+    let mut s: f64 = tail.iter().map(|&v| exp_f32(v - shift) as f64).sum();
+    for a in acc {
+        s += a as f64;
+    }
+    s
+}
+
+/// `out = exp(x - shift)`; returns the sum of `out` (lane-accumulated, combined in f64).
+pub(crate) fn exp_store_sum(x: &[f32], shift: f32, out: &mut [f32]) -> f64 {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = exp_f32(v - shift);
+    }
+    sum_f32(out)
+}
+
+/// Sum of a slice, lane-accumulated in f32 and combined in f64.
+pub(crate) fn sum_f32(x: &[f32]) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut s: f64 = tail.iter().map(|&v| v as f64).sum();
+    for a in acc {
+        s += a as f64;
+    }
+    s
+}
+
+/// Dot product, lane-accumulated in f32 and combined in f64.
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let mut s: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| (x * y) as f64).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    for a in acc {
+        s += a as f64;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std_within_a_few_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let a = exp_f32(x) as f64;
+            let b = (x as f64).exp();
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.0137;
+        }
+        println!("exp_f32 max relative error on [-87, 88] = {worst:e}");
+        assert!(worst < 3e-7, "{worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn reductions_match_naive_sums() {
+        let x: Vec<f32> = (0..1003).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let y: Vec<f32> = (0..1003).map(|i| ((i * 13 % 97) as f32 - 48.0) / 9.0).collect();
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(row_max(&x), m);
+        let naive: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+        let fast = sum_exp(&x, m);
+        println!("sum_exp rel err {:e}", ((fast - naive) / naive).abs());
+        assert!(((fast - naive) / naive).abs() < 1e-6);
+        let mut out = vec![0f32; x.len()];
+        assert!((exp_store_sum(&x, m, &mut out) - fast).abs() < 1e-9 * fast);
+        let naive_dot: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+        println!("dot rel err {:e}", ((dot_f32(&x, &y) - naive_dot) / naive_dot).abs());
+        assert!(((dot_f32(&x, &y) - naive_dot) / naive_dot).abs() < 1e-5);
+        assert!((sum_f32(&x) - x.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-3);
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_data, is_cpu_f32, CResult};
+use super::cpu::{exp_f32, f32_data, is_cpu_f32, CResult};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -33,8 +33,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.apply_op2(up, SiluMul)?)
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_f32(-x))
 }
 
 struct SiluMul;
@@ -167,5 +168,93 @@ impl CustomOp1 for Dropout {
             scale: self.scale,
         };
         Ok(Some(grad.apply_op1_no_bwd(&same)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{finite_difference_check, max_abs_diff, max_rel_diff, randn};
+    use crate::ops::reference;
+    use candle_core::{DType, Var};
+
+    #[test]
+    fn silu_mul_matches_reference_values_and_gradients() -> Result<()> {
+        let g = Var::from_tensor(&(randn(&[4, 3, 40], 51)? * 4.0)?)?;
+        let u = Var::from_tensor(&randn(&[3, 4, 40], 52)?)?;
+        // `up` through a transpose so one argument is strided.
+        let uv = u.as_tensor().transpose(0, 1)?;
+        let y = silu_mul(g.as_tensor(), &uv)?;
+        let y_ref = reference::silu_mul(g.as_tensor(), &uv)?;
+        let d = max_rel_diff(&y, &y_ref)?;
+        println!("silu_mul forward max rel diff = {d:e}");
+        assert!(d < 1e-5);
+        let proj = randn(&[4, 3, 40], 53)?;
+        let gr = (y * &proj)?.sum_all()?.backward()?;
+        let gr_ref = (y_ref * &proj)?.sum_all()?.backward()?;
+        for (name, v) in [("d gate", &g), ("d up", &u)] {
+            let d = max_rel_diff(gr.get(v).expect("grad"), gr_ref.get(v).expect("ref grad"))?;
+            println!("silu_mul {name} max rel diff = {d:e}");
+            assert!(d < 1e-5, "{name}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn silu_mul_skips_untracked_argument() -> Result<()> {
+        let g = Var::from_tensor(&randn(&[5, 8], 54)?)?;
+        let u = randn(&[5, 8], 55)?;
+        let gr = silu_mul(g.as_tensor(), &u)?.sum_all()?.backward()?;
+        assert!(gr.get(&u).is_none());
+        assert!(gr.get(&g).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn silu_mul_finite_differences() -> Result<()> {
+        let g = (randn(&[4, 6], 56)? * 3.0)?;
+        let u = randn(&[4, 6], 57)?;
+        let rep = finite_difference_check("silu_mul", |t: &[Tensor]| silu_mul(&t[0], &t[1]), &[g, u], &[0, 1], 1e-2)?;
+        rep.assert_within(2e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_mask_is_seeded_scaled_and_used_in_backward() -> Result<()> {
+        let x = Var::from_tensor(&(randn(&[64, 50], 58)? + 2.0)?)?; // all entries in [1, 3)
+        let p = 0.3f32;
+        let y = dropout(x.as_tensor(), p, &mut Rng::new(9))?;
+        let y2 = dropout(x.as_tensor(), p, &mut Rng::new(9))?;
+        assert_eq!(max_abs_diff(&y, &y2)?, 0.0, "same seed must give the same mask");
+
+        // Mask equals the documented draw order: kept iff next_f32() >= p.
+        let mut rng = Rng::new(9);
+        let expect: Vec<f32> = (0..64 * 50).map(|_| if rng.next_f32() >= p { 1.0 / (1.0 - p) } else { 0.0 }).collect();
+        let expect = Tensor::from_vec(expect, (64, 50), x.device())?;
+        let d = max_abs_diff(&y, &(x.as_tensor() * &expect)?)?;
+        println!("dropout vs explicit mask max |diff| = {d:e}");
+        assert!(d < 1e-6);
+        let kept = expect.gt(0.0)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        println!("dropout kept fraction {kept} (expected {})", 1.0 - p);
+        assert!((kept - (1.0 - p)).abs() < 0.03);
+
+        let g = (y * 3.0)?.sum_all()?.backward()?;
+        let d = max_abs_diff(g.get(&x).expect("dx"), &(expect * 3.0)?)?;
+        println!("dropout dx vs 3·mask max |diff| = {d:e}");
+        assert!(d < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_identity_at_zero_and_rejects_bad_p() -> Result<()> {
+        let x = randn(&[3, 4], 59)?;
+        let mut rng = Rng::new(1);
+        let before = rng.clone();
+        let y = dropout(&x, 0.0, &mut rng)?;
+        assert_eq!(max_abs_diff(&x, &y)?, 0.0);
+        assert_eq!(rng, before, "p = 0 must not consume randomness");
+        assert!(dropout(&x, 1.0, &mut rng).is_err());
+        assert!(dropout(&x, -0.1, &mut rng).is_err());
+        Ok(())
     }
 }

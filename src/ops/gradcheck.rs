@@ -141,3 +141,40 @@ where
     );
     Ok(rep)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Which candle 0.11 primitives the model may differentiate through directly: each is
+    //! checked against finite differences (an op without backward fails with an error).
+    use super::*;
+    use candle_core::D;
+
+    fn check(name: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], wrt: &[usize]) -> Result<()> {
+        let rep = finite_difference_check(name, f, inputs, wrt, 1e-2)?;
+        rep.assert_within(2e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn candle_primitives_carry_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = randn(&[4, 6], 1)?;
+        let b = randn(&[4, 6], 2)?;
+        let row = randn(&[6], 3)?;
+        let ids = Tensor::new(&[2u32, 0, 2, 3], &dev)?;
+        check("silu", |t| Ok(t[0].silu()?), &[a.clone()], &[0])?;
+        check("exp", |t| Ok(t[0].exp()?), &[a.clone()], &[0])?;
+        // embedding lookup = index_select on rows; repeated ids must accumulate.
+        check("index_select", |t| Ok(t[0].index_select(&ids, 0)?), &[a.clone()], &[0])?;
+        let gidx = Tensor::new(&[[1u32, 0], [5, 5], [2, 3], [0, 0]], &dev)?;
+        check("gather", |t| Ok(t[0].gather(&gidx, D::Minus1)?), &[a.clone()], &[0])?;
+        check("narrow", |t| Ok(t[0].narrow(1, 2, 3)?), &[a.clone()], &[0])?;
+        check("cat", |t| Ok(Tensor::cat(&[&t[0], &t[1]], 1)?), &[a.clone(), b.clone()], &[0, 1])?;
+        check("transpose+contiguous", |t| Ok(t[0].t()?.contiguous()?), &[a.clone()], &[0])?;
+        check("broadcast_mul", |t| Ok(t[0].broadcast_mul(&t[1])?), &[a.clone(), row.clone()], &[0, 1])?;
+        check("broadcast_add", |t| Ok(t[0].broadcast_add(&t[1])?), &[a.clone(), row.clone()], &[0, 1])?;
+        check("broadcast_as", |t| Ok(t[0].broadcast_as((3, 6))?), &[row.clone()], &[0])?;
+        check("matmul", |t| Ok(t[0].matmul(&t[1].t()?)?), &[a.clone(), b.clone()], &[0, 1])?;
+        Ok(())
+    }
+}

@@ -13,6 +13,11 @@ mod cpu;
 mod elementwise;
 pub mod gradcheck;
 mod linear;
+mod loss;
+mod norm;
+mod rope;
+mod softmax;
+mod bench_tmp;
 
 pub use elementwise::{dropout, silu_mul};
 
@@ -27,24 +32,24 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Root-mean-square norm over the last dim, times `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::rms_norm(x, w, eps)
+    norm::rms_norm(x, w, eps)
 }
 
 /// Rotate-half RoPE (Hugging Face layout). `x` is (b, h, t, d); `cos`/`sin` are (t, d/2)
 /// or (b, t, d/2).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    reference::rope(x, cos, sin)
+    rope::rope(x, cos, sin)
 }
 
 /// Softmax over the last dim.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    reference::softmax_last_dim(x)
+    softmax::softmax_last_dim(x)
 }
 
 /// Mean cross-entropy over positions whose label is not [`IGNORE_INDEX`].
 /// `logits` (n, v) f32, `labels` (n,) i64. Returns a scalar; 0 when every label is ignored.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    reference::cross_entropy(logits, labels)
+    loss::cross_entropy(logits, labels)
 }
 
 /// Composed reference implementations: slow, obviously right, differentiable through

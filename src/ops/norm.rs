@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_data, is_cpu_f32, rows_per_task, CResult};
+use super::cpu::{dot_f32, f32_data, is_cpu_f32, rows_per_task, CResult};
 use crate::error::{Error, Result};
 
 /// `x (.., d)` normalised over `d` and scaled by `w (d)`.
@@ -27,9 +27,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.apply_op2(w, RmsNorm { eps: eps as f32 })?)
 }
 
-/// `1 / sqrt(mean(row²) + eps)`, accumulated in f64 so long rows do not lose precision.
+/// `1 / sqrt(mean(row²) + eps)`.
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let ss = dot_f32(row, row);
     (1.0 / (ss / row.len() as f64 + eps as f64).sqrt()) as f32
 }
 
@@ -117,15 +117,13 @@ impl CustomOp3 for RmsNormBwd {
                 |mut dw, (dx, (x, dy))| {
                     for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
                         let r = inv_rms(x, self.eps);
-                        // mean(g ⊙ x̂) with g = dy ⊙ w
-                        let mut dot = 0f64;
+                        // g = dy ⊙ w is staged in dx; mean(g ⊙ x̂) = r · (g · x) / d
                         for i in 0..d {
-                            dot += (dy[i] * w[i]) as f64 * (x[i] * r) as f64;
+                            dx[i] = dy[i] * w[i];
                         }
-                        let mean = (dot / d as f64) as f32;
+                        let mean = (dot_f32(dx, x) * r as f64 / d as f64) as f32;
                         for i in 0..d {
-                            let xhat = x[i] * r;
-                            dx[i] = r * (dy[i] * w[i] - xhat * mean);
+                            dx[i] = r * (dx[i] - x[i] * r * mean);
                         }
                         if need_w {
                             for i in 0..d {

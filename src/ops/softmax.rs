@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_data, is_cpu_f32, rows_per_task, CResult};
+use super::cpu::{dot_f32, exp_store_sum, f32_data, is_cpu_f32, row_max, rows_per_task, CResult};
 use crate::error::Result;
 
 /// Softmax over the last dim of `x`.
@@ -17,20 +17,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Softmax of one row, written into `out` (max-subtracted for stability).
 pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max(x);
     if max == f32::NEG_INFINITY {
         // A fully masked row (every entry -inf): the composed reference yields NaN here;
         // zeros keep such rows out of every downstream sum instead.
         out.iter_mut().for_each(|o| *o = 0.0);
         return;
     }
-    let mut sum = 0f32;
-    for (o, &v) in out.iter_mut().zip(x) {
-        let e = (v - max).exp();
-        *o = e;
-        sum += e;
-    }
-    let inv = 1.0 / sum;
+    let inv = (1.0 / exp_store_sum(x, max, out)) as f32;
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
@@ -80,7 +74,7 @@ impl CustomOp2 for SoftmaxBwd {
                 .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
                 .for_each(|(o, (y, dy))| {
                     for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
-                        let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                        let dot = dot_f32(y, dy) as f32;
                         for i in 0..d {
                             o[i] = y[i] * (dy[i] - dot);
                         }

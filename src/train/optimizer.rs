@@ -377,7 +377,8 @@ mod tests {
             let torch = if clip.is_some() { TORCH_3_CLIP } else { TORCH_3 };
             let d = max_diff(&values(&params), torch);
             println!("clip {clip:?}: max |diff| vs torch = {d:e}");
-            assert!(d < 1e-6, "{d}");
+            // Within an f32 rounding step of PyTorch's values.
+            assert!(d < 1e-8, "{d}");
         }
     }
 

@@ -64,6 +64,8 @@ fn plot_into<DB: DrawingBackend>(
             .configure_mesh()
             .x_desc("optimizer step")
             .y_desc("loss")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(BLACK.mix(0.04))
             .draw()?;
     } else {
         chart.plotting_area().draw(&Rectangle::new(
@@ -183,5 +185,13 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+        // The fallback used when no system font is available still draws the curve.
+        let bare = d.path().join("bare.png");
+        let train: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.loss)).collect();
+        draw(&bare, &train, &[], false).unwrap();
+        let (w, h, bare_idat) = check_png(&std::fs::read(&bare).unwrap());
+        println!("unlabelled plot: {bare_idat} bytes of image data");
+        assert_eq!((w, h), SIZE);
+        assert!(bare_idat > 1_000);
     }
 }

@@ -43,6 +43,21 @@ pub struct RunSummary {
     pub tokens_per_s: f64,
     pub adapted_layers: usize,
     pub trainable_params: usize,
+    /// Peak resident memory of the process so far, bytes (Linux; 0 elsewhere).
+    pub peak_rss_bytes: u64,
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 /// Everything a run needs, loaded and checked before the first step.
@@ -252,6 +267,8 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
             elapsed_s: Some(run_start.elapsed().as_secs_f64()),
             ..Default::default()
         };
+        rec.extra.insert("tokens".into(), serde_json::json!(tokens));
+        rec.extra.insert("step_s".into(), serde_json::json!(dt));
         if let Some(rt) = dash.as_mut() {
             if !rt.state.switched && step == rt.cfg.t {
                 let staged = StagedDir::new(&cfg.out.join(SWITCH_DIR), true)?;
@@ -330,6 +347,7 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
         tokens_per_s: if secs > 0.0 { run_tokens as f64 / secs } else { 0.0 },
         adapted_layers: adapted.len(),
         trainable_params,
+        peak_rss_bytes: peak_rss_bytes(),
     })
 }
 

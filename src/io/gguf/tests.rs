@@ -248,7 +248,7 @@ fn smollm2_gguf_matches_transformers() {
         // Same f32 arithmetic as gguf-py: elements agree exactly; sums differ only by order.
         assert_eq!(d_first, 0.0, "{name}");
         assert_eq!(d_row1, 0.0, "{name} (row 1 catches a wrong Q/K permutation)");
-        assert!(rel_sum < 1e-6 && rel_abs < 1e-9, "{name}");
+        assert!(rel_sum < 1e-6 && rel_abs < 2e-9, "{name}");
     }
 
     // Ids from transformers 4.46.3 `AutoTokenizer.from_pretrained(dir, gguf_file=...)` with
