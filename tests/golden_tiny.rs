@@ -171,3 +171,64 @@ fn training_steps_match_pytorch() {
         assert!(worst < 1e-5, "AdamW update mismatch {worst}");
     }
 }
+
+/// A LoRA-Dash adapter (native form) and its rank-(r+s) PEFT export against the logits PEFT
+/// computed for the export, and Rust's selection against an f64 dense reference.
+#[test]
+fn dash_adapter_and_export_match_peft() {
+    let g = load_golden("tiny_logits.safetensors");
+    let want = load_golden("tiny_dash_logits.safetensors");
+    let keep = Some(g.get("attention_mask").unwrap());
+    let mut m = tiny();
+    io::dash::load_native(&mut m, &golden("tiny-dash")).unwrap();
+    let (r, l) = logits_both(&m, &g);
+    assert!(max_rel_diff("dash native vs PEFT export", &r, want.get("logits").unwrap(), keep) < TOL);
+    assert!(max_rel_diff("dash native vs direct dash forward", &r, want.get("dash_logits").unwrap(), keep) < TOL);
+    assert!(max_rel_diff("dash left", &l, want.get("logits_left").unwrap(), Some(g.get("attention_mask_left").unwrap())) < TOL);
+
+    // Our export of the same adapter loads in our PEFT loader and gives PEFT's logits.
+    let cfg: lora_dash::io::dash::DashAdapterConfig =
+        serde_json::from_str(&std::fs::read_to_string(golden("tiny-dash/dash_config.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    io::dash::save_peft_export(&m, &cfg.lora_config(), cfg.s, None, dir.path()).unwrap();
+    let mut e = tiny();
+    io::peft::load_lora(&mut e, dir.path()).unwrap();
+    let (er, _) = logits_both(&e, &g);
+    assert!(max_rel_diff("our export vs PEFT", &er, want.get("logits").unwrap(), keep) < TOL);
+
+    m.merge_adapters().unwrap();
+    let (mr, _) = logits_both(&m, &g);
+    assert!(max_rel_diff("dash merged", &mr, want.get("merged_logits").unwrap(), keep) < TOL);
+}
+
+#[test]
+fn dash_selection_matches_f64_dense_reference() {
+    use lora_dash::tsd::{select, svd};
+    let reference = load_golden("tiny_dash_delta.safetensors");
+    let mut m = tiny();
+    io::peft::load_lora(&mut m, &golden("tiny-lora")).unwrap();
+    let mut checked = 0;
+    for l in m.linears() {
+        let Some(lora) = l.adapter.as_ref().and_then(|a| a.as_lora()) else { continue };
+        let s = svd::thin_svd(&l.weight, 1).unwrap();
+        let delta = select::change_rates(&s.u, &s.sigma, &s.v, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale).unwrap();
+        let want: Vec<f32> = reference.get(&l.path).unwrap().to_vec1().unwrap();
+        let top = want.iter().cloned().fold(0f32, f32::max);
+        let worst = delta.iter().zip(&want).map(|(a, b)| (a - b).abs() / top).fold(0f32, f32::max);
+        let idx: Vec<usize> = reference
+            .get(&format!("{}.indices", l.path))
+            .unwrap()
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        println!("{}: δ max diff / max δ = {worst:.2e}", l.path);
+        assert!(worst < 1e-3, "{}", l.path);
+        assert_eq!(select::top_s(&delta, &s.sigma, idx.len()), idx, "{}", l.path);
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
+}

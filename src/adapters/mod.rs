@@ -71,7 +71,11 @@ impl Adapter {
             }
             Adapter::Dash(d) => {
                 let xd = ctx.dropout(x, d.lora.dropout)?;
-                Ok((d.lora.delta_forward(&xd)? + d.dash_forward(x)?)?)
+                let lora = d.lora.delta_forward(&xd)?;
+                if d.s() == 0 {
+                    return Ok(lora);
+                }
+                Ok((lora + d.dash_forward(x)?)?)
             }
         }
     }
@@ -80,12 +84,18 @@ impl Adapter {
     pub fn vars(&self) -> Vec<(&'static str, Var)> {
         match self {
             Adapter::Lora(l) => vec![("lora_A.weight", l.a.clone()), ("lora_B.weight", l.b.clone())],
-            Adapter::Dash(d) if d.freeze_ab => vec![("dash_c", d.c.clone())],
-            Adapter::Dash(d) => vec![
-                ("lora_A.weight", d.lora.a.clone()),
-                ("lora_B.weight", d.lora.b.clone()),
-                ("dash_c", d.c.clone()),
-            ],
+            Adapter::Dash(d) => {
+                let mut v = Vec::with_capacity(3);
+                if !d.freeze_ab {
+                    v.push(("lora_A.weight", d.lora.a.clone()));
+                    v.push(("lora_B.weight", d.lora.b.clone()));
+                }
+                // s = 0 leaves nothing to train in the dash term (and no gradient to check).
+                if d.s() > 0 {
+                    v.push(("dash_c", d.c.clone()));
+                }
+                v
+            }
         }
     }
 

@@ -38,7 +38,9 @@ pub fn load_records(paths: &[PathBuf]) -> Result<Vec<Record>> {
             Some(c) => {
                 return Err(Error::format(
                     path,
-                    format!("expected a JSON array or JSON Lines of records, found `{c}` at the start"),
+                    format!(
+                        "expected a JSON array or JSON Lines of records, found `{c}` at the start"
+                    ),
                 ))
             }
             None => return Err(Error::format(path, "file is empty")),
@@ -51,8 +53,13 @@ fn parse_array(path: &Path, text: &str) -> Result<Vec<Record>> {
     // Parse element by element so a syntax error can name the record it occurred in.
     let failed_at = std::cell::Cell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
-    let values = serde::Deserializer::deserialize_seq(&mut de, Collect { failed_at: &failed_at })
-        .and_then(|v| de.end().map(|_| v));
+    let values = serde::Deserializer::deserialize_seq(
+        &mut de,
+        Collect {
+            failed_at: &failed_at,
+        },
+    )
+    .and_then(|v| de.end().map(|_| v));
     let values = match values {
         Ok(v) => v,
         Err(e) => {
@@ -83,7 +90,8 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Record>> {
         let lineno = lineno + 1;
         let v: Value = serde_json::from_str(line)
             .map_err(|e| record_err(path, index, format!("line {lineno}: invalid JSON: {e}")))?;
-        let rec = record_from_value(v).map_err(|msg| record_err(path, index, format!("line {lineno}: {msg}")))?;
+        let rec = record_from_value(v)
+            .map_err(|msg| record_err(path, index, format!("line {lineno}: {msg}")))?;
         out.push(rec);
     }
     Ok(out)
@@ -105,7 +113,10 @@ fn record_from_value(v: Value) -> std::result::Result<Record, String> {
     let mut required = |field: &str| -> std::result::Result<String, String> {
         match map.remove(field) {
             Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(format!("field `{field}` must be a string, found {}", kind(&other))),
+            Some(other) => Err(format!(
+                "field `{field}` must be a string, found {}",
+                kind(&other)
+            )),
             None => Err(format!("missing field `{field}`")),
         }
     };
@@ -114,14 +125,24 @@ fn record_from_value(v: Value) -> std::result::Result<Record, String> {
     let input = match map.remove("input") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
-        Some(other) => return Err(format!("field `input` must be a string, found {}", kind(&other))),
+        Some(other) => {
+            return Err(format!(
+                "field `input` must be a string, found {}",
+                kind(&other)
+            ))
+        }
     };
     let answer = match map.remove("answer") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
         // Numeric or boolean answers (some datasets) compare as their JSON text.
         Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
-        Some(other) => return Err(format!("field `answer` must be a string, found {}", kind(&other))),
+        Some(other) => {
+            return Err(format!(
+                "field `answer` must be a string, found {}",
+                kind(&other)
+            ))
+        }
     };
     Ok(Record {
         instruction,
@@ -173,7 +194,8 @@ impl<'de> Visitor<'de> for Collect<'_> {
 const TRAIN_WITH_INPUT_HEAD: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request. \n\n                ### Instruction:\n                ";
 const TRAIN_NO_INPUT_HEAD: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n                ### Instruction:\n                ";
 const TRAIN_INPUT_SEP: &str = "\n                \n                ### Input:\n                ";
-const TRAIN_RESPONSE_SEP: &str = "\n                \n                ### Response:\n                ";
+const TRAIN_RESPONSE_SEP: &str =
+    "\n                \n                ### Response:\n                ";
 
 // The evaluation template of CR_MR/commonsense_evaluate.py: no trailing space after
 // "request." with input, one without, and truly empty blank lines.
@@ -188,9 +210,23 @@ pub fn generate_prompt(rec: &Record, with_output: bool) -> String {
     let output = if with_output { rec.output.as_str() } else { "" };
     // Python's `if data_point["input"]:` is false only for the empty string.
     if rec.input.is_empty() {
-        [TRAIN_NO_INPUT_HEAD, &rec.instruction, TRAIN_RESPONSE_SEP, output].concat()
+        [
+            TRAIN_NO_INPUT_HEAD,
+            &rec.instruction,
+            TRAIN_RESPONSE_SEP,
+            output,
+        ]
+        .concat()
     } else {
-        [TRAIN_WITH_INPUT_HEAD, &rec.instruction, TRAIN_INPUT_SEP, &rec.input, TRAIN_RESPONSE_SEP, output].concat()
+        [
+            TRAIN_WITH_INPUT_HEAD,
+            &rec.instruction,
+            TRAIN_INPUT_SEP,
+            &rec.input,
+            TRAIN_RESPONSE_SEP,
+            output,
+        ]
+        .concat()
     }
 }
 
@@ -198,9 +234,14 @@ pub fn generate_prompt(rec: &Record, with_output: bool) -> String {
 /// ending where the model's answer begins. `None` and `Some("")` both select the no-input form.
 pub fn eval_prompt(instruction: &str, input: Option<&str>) -> String {
     match input {
-        Some(inp) if !inp.is_empty() => {
-            [EVAL_WITH_INPUT_HEAD, instruction, EVAL_INPUT_SEP, inp, EVAL_RESPONSE_SEP].concat()
-        }
+        Some(inp) if !inp.is_empty() => [
+            EVAL_WITH_INPUT_HEAD,
+            instruction,
+            EVAL_INPUT_SEP,
+            inp,
+            EVAL_RESPONSE_SEP,
+        ]
+        .concat(),
         _ => [EVAL_NO_INPUT_HEAD, instruction, EVAL_RESPONSE_SEP].concat(),
     }
 }
@@ -228,11 +269,15 @@ mod tests {
         assert!(r.instruction.starts_with(
             "Please choose the correct answer to the question: Which factor will most likely cause a person to develop a fever?"
         ));
-        assert!(r.instruction.ends_with("Answer format: answer1/answer2/answer3/answer4"));
+        assert!(r
+            .instruction
+            .ends_with("Answer format: answer1/answer2/answer3/answer4"));
         assert_eq!(r.input, "");
         assert_eq!(r.output, "the correct answer is answer2");
         assert_eq!(r.answer.as_deref(), Some("answer2"));
-        assert!(recs.iter().all(|r| r.answer.as_deref().is_some_and(|a| r.output.ends_with(a))));
+        assert!(recs
+            .iter()
+            .all(|r| r.answer.as_deref().is_some_and(|a| r.output.ends_with(a))));
     }
 
     #[test]
@@ -245,7 +290,10 @@ mod tests {
         };
         let expected = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n                ### Instruction:\n                INS\n                \n                ### Response:\n                OUT";
         assert_eq!(generate_prompt(&rec, true), expected);
-        assert_eq!(generate_prompt(&rec, false), expected.strip_suffix("OUT").unwrap());
+        assert_eq!(
+            generate_prompt(&rec, false),
+            expected.strip_suffix("OUT").unwrap()
+        );
         let rec = Record {
             input: "INP".into(),
             ..rec
@@ -298,10 +346,16 @@ mod tests {
         let missing = d.path().join("nope.json");
         assert!(matches!(load_records(&[missing]), Err(Error::Io { .. })));
 
-        let e = load_err("bad.json", "[{\"instruction\":\"a\",\"output\":\"b\"},\n {\"instruction\": \"c\" \"output\": 1}]");
+        let e = load_err(
+            "bad.json",
+            "[{\"instruction\":\"a\",\"output\":\"b\"},\n {\"instruction\": \"c\" \"output\": 1}]",
+        );
         assert!(matches!(e, Error::Record { index: 1, .. }), "{e:?}");
 
-        let e = load_err("bad.jsonl", "{\"instruction\":\"a\",\"output\":\"b\"}\n\n{\"instruction\":\"a\",\n");
+        let e = load_err(
+            "bad.jsonl",
+            "{\"instruction\":\"a\",\"output\":\"b\"}\n\n{\"instruction\":\"a\",\n",
+        );
         match e {
             Error::Record { index, msg, .. } => {
                 assert_eq!(index, 1);
@@ -310,7 +364,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
 
-        let e = load_err("noout.json", "[{\"instruction\":\"a\",\"output\":\"b\"},{\"instruction\":\"a\"}]");
+        let e = load_err(
+            "noout.json",
+            "[{\"instruction\":\"a\",\"output\":\"b\"},{\"instruction\":\"a\"}]",
+        );
         match e {
             Error::Record { index, msg, .. } => {
                 assert_eq!(index, 1);
@@ -319,14 +376,29 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let e = load_err("noins.jsonl", "{\"output\":\"b\"}\n");
-        assert!(matches!(&e, Error::Record { index: 0, msg, .. } if msg.contains("`instruction`")), "{e:?}");
+        assert!(
+            matches!(&e, Error::Record { index: 0, msg, .. } if msg.contains("`instruction`")),
+            "{e:?}"
+        );
         let e = load_err("typed.json", "[{\"instruction\":\"a\",\"output\":3}]");
-        assert!(matches!(&e, Error::Record { msg, .. } if msg.contains("must be a string")), "{e:?}");
+        assert!(
+            matches!(&e, Error::Record { msg, .. } if msg.contains("must be a string")),
+            "{e:?}"
+        );
         let e = load_err("notobj.json", "[1]");
         assert!(matches!(&e, Error::Record { index: 0, .. }), "{e:?}");
-        assert!(matches!(load_err("empty.json", "  \n"), Error::Format { .. }));
-        assert!(matches!(load_err("text.json", "hello"), Error::Format { .. }));
-        let e = load_err("trailing.json", "[{\"instruction\":\"a\",\"output\":\"b\"}] x");
+        assert!(matches!(
+            load_err("empty.json", "  \n"),
+            Error::Format { .. }
+        ));
+        assert!(matches!(
+            load_err("text.json", "hello"),
+            Error::Format { .. }
+        ));
+        let e = load_err(
+            "trailing.json",
+            "[{\"instruction\":\"a\",\"output\":\"b\"}] x",
+        );
         assert!(matches!(e, Error::Format { .. }), "{e:?}");
     }
 }

@@ -88,7 +88,11 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
 
 /// Splits off `val_set_size` items chosen by a seeded shuffle; both parts keep the input order.
 /// `val_set_size == 0` gives an empty validation set.
-pub fn split_train_val<T>(items: Vec<T>, val_set_size: usize, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
+pub fn split_train_val<T>(
+    items: Vec<T>,
+    val_set_size: usize,
+    seed: u64,
+) -> Result<(Vec<T>, Vec<T>)> {
     let n = items.len();
     if val_set_size == 0 {
         return Ok((items, Vec::new()));
@@ -105,7 +109,10 @@ pub fn split_train_val<T>(items: Vec<T>, val_set_size: usize, seed: u64) -> Resu
     for &i in &order[..val_set_size] {
         is_val[i] = true;
     }
-    let (mut train, mut val) = (Vec::with_capacity(n - val_set_size), Vec::with_capacity(val_set_size));
+    let (mut train, mut val) = (
+        Vec::with_capacity(n - val_set_size),
+        Vec::with_capacity(val_set_size),
+    );
     for (item, v) in items.into_iter().zip(is_val) {
         if v {
             val.push(item);
@@ -143,7 +150,12 @@ impl Loader {
 
     /// A loader positioned at `state` (saved by [`Loader::state`] with the same `n_examples`,
     /// `batch_size` and `seed`).
-    pub fn resume(n_examples: usize, batch_size: usize, seed: u64, state: LoaderState) -> Result<Self> {
+    pub fn resume(
+        n_examples: usize,
+        batch_size: usize,
+        seed: u64,
+        state: LoaderState,
+    ) -> Result<Self> {
         if n_examples == 0 {
             return Err(Error::config("data", "no training examples"));
         }
@@ -153,7 +165,10 @@ impl Loader {
         if state.cursor >= n_examples {
             return Err(Error::config(
                 "loader state",
-                format!("cursor {} is past the {n_examples} examples; was the data changed?", state.cursor),
+                format!(
+                    "cursor {} is past the {n_examples} examples; was the data changed?",
+                    state.cursor
+                ),
             ));
         }
         Ok(Loader {
@@ -238,7 +253,10 @@ mod tests {
         let b = ex(&[1, 8, 2], &[1, 8, 2]);
         let batch = collate(&[&a, &b], 0).unwrap();
         assert_eq!(batch.input_ids.dims(), &[2, 5]);
-        assert_eq!(batch.input_ids.to_vec2::<u32>().unwrap(), vec![vec![1, 5, 6, 7, 2], vec![1, 8, 2, 0, 0]]);
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 5, 6, 7, 2], vec![1, 8, 2, 0, 0]]
+        );
         assert_eq!(
             batch.attention_mask.to_vec2::<f32>().unwrap(),
             vec![vec![1.0; 5], vec![1.0, 1.0, 1.0, 0.0, 0.0]]
@@ -263,11 +281,17 @@ mod tests {
         let mut all: Vec<usize> = t1.iter().chain(&v1).copied().collect();
         all.sort();
         assert_eq!(all, items);
-        assert!(t1.windows(2).all(|w| w[0] < w[1]), "train keeps input order");
+        assert!(
+            t1.windows(2).all(|w| w[0] < w[1]),
+            "train keeps input order"
+        );
         let (_, v3) = split_train_val(items.clone(), 10, 43).unwrap();
         assert_ne!(v1, v3);
         assert_eq!(split_train_val(items.clone(), 0, 1).unwrap().0, items);
-        assert!(matches!(split_train_val(items, 100, 1), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(
+            split_train_val(items, 100, 1),
+            Err(Error::InvalidConfig { .. })
+        ));
     }
 
     #[test]
@@ -282,11 +306,21 @@ mod tests {
             seen.extend(b);
         }
         assert_eq!(sizes, vec![4, 4, 2]);
-        assert_eq!(l.state(), LoaderState { epoch: 1, cursor: 0 });
+        assert_eq!(
+            l.state(),
+            LoaderState {
+                epoch: 1,
+                cursor: 0
+            }
+        );
         let mut sorted = seen.clone();
         sorted.sort();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
-        assert_ne!(l.epoch_order(0), l.epoch_order(1), "each epoch is reshuffled");
+        assert_ne!(
+            l.epoch_order(0),
+            l.epoch_order(1),
+            "each epoch is reshuffled"
+        );
 
         // Run 7 batches straight, versus 4 then a save/restore (through JSON) then 3.
         let mut straight = Loader::new(10, 4, 7).unwrap();
@@ -295,20 +329,46 @@ mod tests {
         let mut resumed_run: Vec<Vec<usize>> = (0..4).map(|_| first.next_indices()).collect();
         let saved = serde_json::to_string(&first.state()).unwrap();
         let state: LoaderState = serde_json::from_str(&saved).unwrap();
-        assert_eq!(state, LoaderState { epoch: 1, cursor: 4 });
+        assert_eq!(
+            state,
+            LoaderState {
+                epoch: 1,
+                cursor: 4
+            }
+        );
         let mut second = Loader::resume(10, 4, 7, state).unwrap();
         resumed_run.extend((0..3).map(|_| second.next_indices()));
         assert_eq!(all, resumed_run);
 
-        assert!(Loader::resume(10, 4, 7, LoaderState { epoch: 0, cursor: 10 }).is_err());
+        assert!(Loader::resume(
+            10,
+            4,
+            7,
+            LoaderState {
+                epoch: 0,
+                cursor: 10
+            }
+        )
+        .is_err());
         assert!(Loader::new(0, 4, 7).is_err());
         assert!(Loader::new(10, 0, 7).is_err());
 
-        let examples: Vec<Example> = (0..10).map(|i| ex(&[1, i + 3], &[1, i as i64 + 3])).collect();
+        let examples: Vec<Example> = (0..10)
+            .map(|i| ex(&[1, i + 3], &[1, i as i64 + 3]))
+            .collect();
         let mut l = Loader::new(10, 4, 7).unwrap();
         let order = l.epoch_order(0);
         let b = l.next_batch(&examples, 0).unwrap();
-        let col: Vec<u32> = b.input_ids.to_vec2::<u32>().unwrap().iter().map(|r| r[1]).collect();
-        assert_eq!(col, order[..4].iter().map(|&i| i as u32 + 3).collect::<Vec<_>>());
+        let col: Vec<u32> = b
+            .input_ids
+            .to_vec2::<u32>()
+            .unwrap()
+            .iter()
+            .map(|r| r[1])
+            .collect();
+        assert_eq!(
+            col,
+            order[..4].iter().map(|&i| i as u32 + 3).collect::<Vec<_>>()
+        );
     }
 }

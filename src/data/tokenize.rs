@@ -57,11 +57,17 @@ pub fn tokenize_record(
     }
     let mut labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     if !train_on_inputs {
-        let user_len = tok.encode(&generate_prompt(rec, false))?.len().min(cutoff_len);
+        let user_len = tok
+            .encode(&generate_prompt(rec, false))?
+            .len()
+            .min(cutoff_len);
         let masked = user_len.min(labels.len());
         labels[..masked].fill(IGNORE_INDEX);
     }
-    Ok(Example { input_ids: ids, labels })
+    Ok(Example {
+        input_ids: ids,
+        labels,
+    })
 }
 
 #[cfg(test)]
@@ -82,7 +88,15 @@ pub(crate) mod tests {
             answer: None,
         };
         let mut words: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-        let template = generate_prompt(&rec, true) + " " + &generate_prompt(&Record { input: String::new(), ..rec }, true);
+        let template = generate_prompt(&rec, true)
+            + " "
+            + &generate_prompt(
+                &Record {
+                    input: String::new(),
+                    ..rec
+                },
+                true,
+            );
         for w in template
             .split(|c: char| !c.is_alphanumeric() && c != '_')
             .chain(template.split(|c: char| c.is_alphanumeric() || c.is_whitespace()))
@@ -92,8 +106,16 @@ pub(crate) mod tests {
                 words.push(w.to_string());
             }
         }
-        let vocab: HashMap<String, u32> = words.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
-        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("<unk>".into()).build().unwrap();
+        let vocab: HashMap<String, u32> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.clone(), i as u32))
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("<unk>".into())
+            .build()
+            .unwrap();
         let mut inner = tokenizers::Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(Whitespace {}));
         let post = TemplateProcessing::builder()
@@ -127,7 +149,10 @@ pub(crate) mod tests {
         let r = rec();
         let user = tok.encode_plain(&generate_prompt(&r, false)).unwrap();
         let full = tok.encode_plain(&generate_prompt(&r, true)).unwrap();
-        assert!(!full.contains(&0) && !user.contains(&0), "test vocabulary must cover the prompt");
+        assert!(
+            !full.contains(&0) && !user.contains(&0),
+            "test vocabulary must cover the prompt"
+        );
         // Word-level tokens: the output adds exactly its 5 words after the user prompt.
         assert_eq!(full.len(), user.len() + 5);
         assert_eq!(&full[..user.len()], &user[..]);
@@ -141,11 +166,17 @@ pub(crate) mod tests {
         assert!(ex.labels[..n_user].iter().all(|&l| l == IGNORE_INDEX));
         let tail: Vec<i64> = expected[n_user..].iter().map(|&i| i as i64).collect();
         assert_eq!(&ex.labels[n_user..], &tail[..]);
-        assert_eq!(tok.decode(&ex.input_ids[n_user..ex.len() - 1]).unwrap(), "the correct answer is answer2");
+        assert_eq!(
+            tok.decode(&ex.input_ids[n_user..ex.len() - 1]).unwrap(),
+            "the correct answer is answer2"
+        );
 
         // Training on inputs: labels equal ids.
         let ex = tokenize_record(&tok, &r, 256, true, true).unwrap();
-        assert_eq!(ex.labels, expected.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        assert_eq!(
+            ex.labels,
+            expected.iter().map(|&i| i as i64).collect::<Vec<_>>()
+        );
         // No EOS requested.
         let ex = tokenize_record(&tok, &r, 256, true, false).unwrap();
         assert_eq!(ex.input_ids, &expected[..expected.len() - 1]);
@@ -154,16 +185,23 @@ pub(crate) mod tests {
     /// `LORA_DASH_SMOLLM2_GGUF`, else `$LORA_DASH_CACHE` or `~/.cache/lora-dash`.
     fn smollm2_gguf() -> Option<std::path::PathBuf> {
         use std::path::PathBuf;
-        let p = std::env::var_os("LORA_DASH_SMOLLM2_GGUF").map(PathBuf::from).or_else(|| {
-            let cache = std::env::var_os("LORA_DASH_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-dash")))?;
-            Some(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
-        })?;
+        let p = std::env::var_os("LORA_DASH_SMOLLM2_GGUF")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let cache = std::env::var_os("LORA_DASH_CACHE")
+                    .map(PathBuf::from)
+                    .or_else(|| {
+                        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lora-dash"))
+                    })?;
+                Some(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+            })?;
         if p.is_file() {
             Some(p)
         } else {
-            println!("skipped: {} not found (set LORA_DASH_SMOLLM2_GGUF)", p.display());
+            println!(
+                "skipped: {} not found (set LORA_DASH_SMOLLM2_GGUF)",
+                p.display()
+            );
             None
         }
     }
@@ -174,7 +212,8 @@ pub(crate) mod tests {
     /// transformers' GGUF conversion ignores both) on ARC-Easy train records 0 and 1 and a
     /// made-up record with an input: (record, cutoff_len, train_on_inputs, len(input_ids),
     /// number of -100 labels, sum(input_ids), last 4 ids).
-    const SMOLLM2_REF: [(usize, usize, bool, usize, usize, u64, [u32; 4]); 9] = [
+    type RefRow = (usize, usize, bool, usize, usize, u64, [u32; 4]);
+    const SMOLLM2_REF: [RefRow; 9] = [
         (0, 256, false, 112, 105, 573072, [314, 2988, 34, 2]),
         (0, 256, true, 112, 0, 573072, [314, 2988, 34, 2]),
         (0, 100, false, 100, 100, 486872, [35, 31, 11247, 36]),
@@ -189,14 +228,19 @@ pub(crate) mod tests {
     #[test]
     fn matches_llm_adapters_with_smollm2_tokenizer() {
         let Some(gguf) = smollm2_gguf() else { return };
-        let data = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/commonsense/ARC-Easy/train.json");
+        let data = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/commonsense/ARC-Easy/train.json");
         if !data.is_file() {
             println!("skipped: {} not found", data.display());
             return;
         }
         let meta = crate::io::gguf::GgufFile::open(&gguf).unwrap().metadata;
         let tok = crate::io::gguf_tokenizer::load_tokenizer(&meta).unwrap();
-        let mut recs: Vec<Record> = crate::data::alpaca::load_records(&[data]).unwrap().into_iter().take(2).collect();
+        let mut recs: Vec<Record> = crate::data::alpaca::load_records(&[data])
+            .unwrap()
+            .into_iter()
+            .take(2)
+            .collect();
         recs.push(Record {
             instruction: "Summarize.".into(),
             input: "Cats sleep a lot.".into(),
@@ -233,9 +277,15 @@ pub(crate) mod tests {
         assert_eq!(ex.len(), user_len - 3);
         assert!(ex.labels.iter().all(|&l| l == IGNORE_INDEX));
         assert_eq!(ex.input_ids[0], 1, "BOS survives truncation");
-        assert!(matches!(tokenize_record(&tok, &r, 0, false, true), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(
+            tokenize_record(&tok, &r, 0, false, true),
+            Err(Error::InvalidConfig { .. })
+        ));
         let mut no_eos = tok.clone();
         no_eos.eos_id = None;
-        assert!(matches!(tokenize_record(&no_eos, &r, 64, false, true), Err(Error::Tokenizer(_))));
+        assert!(matches!(
+            tokenize_record(&no_eos, &r, 64, false, true),
+            Err(Error::Tokenizer(_))
+        ));
     }
 }

@@ -9,11 +9,12 @@
 //! `(out, in)` shapes, dequantises to f32 and undoes the Q/K row permutation that
 //! `convert_hf_to_gguf.py` applies for rotary embeddings.
 
+mod header;
 mod quants;
 #[cfg(test)]
-pub(crate) mod testutil;
-#[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,10 +76,11 @@ impl GgufValue {
         }
     }
 
-    /// Any numeric value as f64.
+    /// Any numeric value as f64. An f32 is widened through its shortest decimal form, so a
+    /// stored `1e-5` reads as 1e-5 rather than 9.99999974e-6.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            GgufValue::F32(x) => Some(x as f64),
+            GgufValue::F32(x) => x.to_string().parse().ok(),
             GgufValue::F64(x) => Some(x),
             _ => self.as_i64().map(|x| x as f64),
         }
@@ -134,7 +136,7 @@ impl TensorInfo {
     pub fn n_bytes(&self) -> Option<u64> {
         let (blk, size) = self.ggml_type.block_layout()?;
         let n = self.n_elements();
-        (n % blk as u64 == 0).then(|| n / blk as u64 * size as u64)
+        n.is_multiple_of(blk as u64).then(|| n / blk as u64 * size as u64)
     }
 }
 
@@ -153,7 +155,7 @@ impl GgufFile {
         let file = std::fs::File::open(path).at(path)?;
         // SAFETY: read-only mapping of a file we do not modify while it is mapped.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
-        let (version, metadata, tensors, data_start) = parse(&mmap, path)?;
+        let (version, metadata, tensors, data_start) = header::parse(&mmap, path)?;
         Ok(GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors, data_start })
     }
 
@@ -172,7 +174,15 @@ impl GgufFile {
     /// The raw bytes of a tensor.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
         let n = info.n_bytes().ok_or_else(|| {
-            Error::format(&self.path, format!("tensor `{}`: type {} with dims {:?} is not supported", info.name, info.ggml_type.name(), info.dims))
+            Error::format(
+                &self.path,
+                format!(
+                    "tensor `{}`: type {} with dims {:?} is not supported",
+                    info.name,
+                    info.ggml_type.name(),
+                    info.dims
+                ),
+            )
         })?;
         let start = (self.data_start as u64).checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(n));
@@ -189,127 +199,6 @@ impl GgufFile {
             .map_err(|m| Error::format(&self.path, format!("tensor `{}`: {m}", info.name)))?;
         Ok(Tensor::from_vec(data, info.shape(), &Device::Cpu)?)
     }
-}
-
-/// Bounds-checked little-endian reader over the header.
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
-    path: &'a Path,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        match self.pos.checked_add(n) {
-            Some(end) if end <= self.b.len() => {
-                let s = &self.b[self.pos..end];
-                self.pos = end;
-                Ok(s)
-            }
-            _ => Err(Error::format(self.path, format!("truncated GGUF header at byte {} while reading {what}", self.pos))),
-        }
-    }
-    fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, what)?);
-        Ok(a)
-    }
-    fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.arr(what)?))
-    }
-    fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.arr(what)?))
-    }
-    /// A count of items that each take at least `min_size` bytes, checked against what is left
-    /// so a corrupt count cannot trigger a huge allocation.
-    fn count(&mut self, min_size: usize, what: &str) -> Result<usize> {
-        let n = self.u64(what)?;
-        let left = (self.b.len() - self.pos) as u64;
-        if n.saturating_mul(min_size as u64) > left {
-            return Err(Error::format(self.path, format!("{what} {n} is larger than the file allows")));
-        }
-        Ok(n as usize)
-    }
-    fn string(&mut self, what: &str) -> Result<String> {
-        let n = self.count(1, what)?;
-        Ok(String::from_utf8_lossy(self.take(n, what)?).into_owned())
-    }
-    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<GgufValue> {
-        use GgufValue as V;
-        Ok(match ty {
-            0 => V::U8(self.arr::<1>(key)?[0]),
-            1 => V::I8(self.arr::<1>(key)?[0] as i8),
-            2 => V::U16(u16::from_le_bytes(self.arr(key)?)),
-            3 => V::I16(i16::from_le_bytes(self.arr(key)?)),
-            4 => V::U32(self.u32(key)?),
-            5 => V::I32(i32::from_le_bytes(self.arr(key)?)),
-            6 => V::F32(f32::from_le_bytes(self.arr(key)?)),
-            7 => V::Bool(self.arr::<1>(key)?[0] != 0),
-            8 => V::String(self.string(key)?),
-            // Arrays may nest; a small bound keeps a corrupt file from recursing deeply.
-            9 if depth < 4 => {
-                let elem = self.u32(key)?;
-                let n = self.count(1, key)?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(elem, key, depth + 1)?);
-                }
-                V::Array(items)
-            }
-            10 => V::U64(self.u64(key)?),
-            11 => V::I64(i64::from_le_bytes(self.arr(key)?)),
-            12 => V::F64(f64::from_le_bytes(self.arr(key)?)),
-            t => return Err(Error::format(self.path, format!("metadata `{key}`: unknown value type {t}"))),
-        })
-    }
-}
-
-/// Parses the header: (version, metadata, tensor infos, start of the data section).
-fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorInfo>, usize)> {
-    let mut r = Reader { b, pos: 0, path };
-    if r.take(4, "magic").ok() != Some(&MAGIC[..]) {
-        return Err(Error::format(path, "not a GGUF file (bad magic)"));
-    }
-    let version = r.u32("version")?;
-    match version {
-        2 | 3 => {}
-        1 => return Err(Error::format(path, "GGUF version 1 is not supported; re-convert with a current llama.cpp")),
-        v if v.swap_bytes() <= 3 => return Err(Error::format(path, "big-endian GGUF files are not supported")),
-        v => return Err(Error::format(path, format!("unsupported GGUF version {v}"))),
-    }
-    // A tensor info takes at least 8 (name) + 4 + 4 + 8 bytes, a key/value at least 8 + 4 + 1.
-    let n_tensors = r.count(24, "tensor count")?;
-    let n_kv = r.count(13, "metadata count")?;
-    let mut metadata = Metadata::new();
-    for _ in 0..n_kv {
-        let key = r.string("metadata key")?;
-        let ty = r.u32(&key)?;
-        let v = r.value(ty, &key, 0)?;
-        metadata.insert(key, v);
-    }
-    let mut tensors = Vec::with_capacity(n_tensors);
-    for _ in 0..n_tensors {
-        let name = r.string("tensor name")?;
-        let n_dims = r.u32(&name)? as usize;
-        if n_dims > 8 {
-            return Err(Error::format(path, format!("tensor `{name}` has {n_dims} dims")));
-        }
-        let dims = (0..n_dims).map(|_| r.u64(&name)).collect::<Result<Vec<_>>>()?;
-        let ggml_type = GgmlType::from_id(r.u32(&name)?);
-        let offset = r.u64(&name)?;
-        tensors.push(TensorInfo { name, dims, ggml_type, offset });
-    }
-    let alignment = metadata.get("general.alignment").and_then(|v| v.as_u64()).unwrap_or(DEFAULT_ALIGNMENT);
-    if alignment == 0 || !alignment.is_power_of_two() {
-        return Err(Error::format(path, format!("general.alignment {alignment} is not a power of two")));
-    }
-    let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
-    for t in &tensors {
-        if t.offset % alignment != 0 {
-            return Err(Error::format(path, format!("tensor `{}` offset {} is not aligned to {alignment}", t.name, t.offset)));
-        }
-    }
-    Ok((version, metadata, tensors, data_start as usize))
 }
 
 /// The Hugging Face name of a llama.cpp tensor, or None for tensors without one
@@ -366,7 +255,7 @@ fn reorder_rows(
     n_head: usize,
     map: impl Fn(usize, usize, usize, usize) -> (usize, usize),
 ) -> Result<Vec<f32>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || w.len() != rows * cols {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || w.len() != rows * cols {
         return Err(Error::msg(format!("cannot permute a ({rows}, {cols}) matrix into {n_head} heads of even size")));
     }
     let hd = rows / n_head;
@@ -413,7 +302,10 @@ pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
     let head_dim = meta_u64(g, "llama.attention.key_length").map(|x| x as usize).unwrap_or(hidden / heads);
     if let Some(rot) = meta_u64(g, "llama.rope.dimension_count") {
         if rot as usize != head_dim {
-            return Err(Error::config("llama.rope.dimension_count", format!("partial rotary ({rot} of {head_dim}) is not supported")));
+            return Err(Error::config(
+                "llama.rope.dimension_count",
+                format!("partial rotary ({rot} of {head_dim}) is not supported"),
+            ));
         }
     }
     let vocab = meta_u64(g, "llama.vocab_size")

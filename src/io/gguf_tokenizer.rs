@@ -21,7 +21,8 @@ const TOKEN_USER_DEFINED: i64 = 4;
 /// The llama-3 split regex as in Meta's `tokenizer.json`.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's: like llama-3 but single digits.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How llama.cpp pre-tokenizes for a `tokenizer.ggml.pre` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,10 +104,15 @@ fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
         "gpt2" => {}
         "llama" => {
             return Err(Error::Tokenizer(
-                "GGUF SentencePiece (`llama`) tokenizers are not supported; use the model's Hugging Face directory".into(),
+                "GGUF SentencePiece (`llama`) tokenizers are not supported; use the model's Hugging Face directory"
+                    .into(),
             ))
         }
-        m => return Err(Error::Tokenizer(format!("GGUF tokenizer model `{m}` is not supported (only `gpt2` byte-level BPE)"))),
+        m => {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model `{m}` is not supported (only `gpt2` byte-level BPE)"
+            )))
+        }
     }
     let tokens = string_array(meta, "tokenizer.ggml.tokens")?;
     let merges = string_array(meta, "tokenizer.ggml.merges")?;

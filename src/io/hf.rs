@@ -45,14 +45,18 @@ pub fn load_model_from(spec: &str, cache_root: &Path, allow_download: bool) -> R
 
 fn offline() -> bool {
     ["LORA_DASH_OFFLINE", "HF_HUB_OFFLINE"].iter().any(|k| {
-        std::env::var(k).map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")).unwrap_or(false)
+        std::env::var(k)
+            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+            .unwrap_or(false)
     })
 }
 
 /// Whether `spec` has the shape of a hub model id `org/name`.
 pub fn is_hub_id(spec: &str) -> bool {
     let ok_part = |p: &str| {
-        !p.is_empty() && !p.starts_with(['.', '-']) && !p.contains("..")
+        !p.is_empty()
+            && !p.starts_with(['.', '-'])
+            && !p.contains("..")
             && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(spec.split_once('/'), Some((org, name)) if ok_part(org) && ok_part(name))
@@ -166,10 +170,8 @@ fn download(id: &str, _cache_root: &Path) -> Result<PathBuf> {
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).at(index)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+    let map =
+        v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| Error::format(index, format!("`{tensor}` maps to a non-string")))?;
@@ -254,13 +256,10 @@ pub fn load_tokenizer_dir(dir: &Path, config: &HfConfig) -> Result<Option<TextTo
     if matches!(class, "LlamaTokenizer" | "LlamaTokenizerFast" | "CodeLlamaTokenizer" | "CodeLlamaTokenizerFast") {
         let add_bos = tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true);
         let add_eos = tc.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false);
-        let named = |id: Option<u32>, on: bool| {
-            id.filter(|_| on).and_then(|i| inner.id_to_token(i).map(|t| (t, i)))
-        };
+        let named = |id: Option<u32>, on: bool| id.filter(|_| on).and_then(|i| inner.id_to_token(i).map(|t| (t, i)));
         let (bos, eos) = (named(bos_id, add_bos), named(eos_id, add_eos));
-        let mut v: Value = serde_json::from_str(
-            &inner.to_string(false).map_err(|e| Error::format(&path, e.to_string()))?,
-        )?;
+        let mut v: Value =
+            serde_json::from_str(&inner.to_string(false).map_err(|e| Error::format(&path, e.to_string()))?)?;
         v["post_processor"] = gguf_tokenizer::template_post_processor(
             bos.as_ref().map(|(t, i)| (t.as_str(), *i)),
             eos.as_ref().map(|(t, i)| (t.as_str(), *i)),
@@ -308,7 +307,11 @@ pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrit
     }
     // transformers refuses safetensors files whose metadata lacks format=pt.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    crate::io::weights::save_tensors(tensors.iter().map(|(n, t)| (*n, t)), &stage.join("model.safetensors"), Some(meta))?;
+    crate::io::weights::save_tensors(
+        tensors.iter().map(|(n, t)| (*n, t)),
+        &stage.join("model.safetensors"),
+        Some(meta),
+    )?;
 
     if let Some(tok) = &model.tokenizer {
         let text = tok.inner.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;

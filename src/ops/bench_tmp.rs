@@ -16,6 +16,53 @@ mod tests {
 
     #[test]
     #[ignore]
+    fn bench_gemm() {
+        let (m, k, n) = (1024usize, 576usize, 1536usize);
+        let x = crate::rng::Rng::new(1).uniform_vec(m * k, -1.0, 1.0);
+        let w = crate::rng::Rng::new(2).uniform_vec(n * k, -1.0, 1.0);
+        let mut wt = vec![0f32; n * k];
+        for j in 0..n { for kk in 0..k { wt[kk * n + j] = w[j * k + kk]; } }
+        let mut out = vec![0f32; m * n];
+        for rep in 0..2 {
+        time("gemm x·wᵀ rayon(2)", 10, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k); Ok(()) });
+        time("gemm x·wt (row-major rhs) rayon(2)", 10, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &wt, n, 1); Ok(()) });
+        time("gemm x·wᵀ single thread", 5, || { unsafe { gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None); } Ok(()) });
+        let xm = faer::MatRef::from_row_major_slice(&x, m, k);
+        let wm = faer::MatRef::from_row_major_slice(&w, n, k);
+        let mut om = faer::Mat::<f32>::zeros(m, n);
+        let _ = &mut om;
+        time("faer x·wᵀ rayon(2)", 10, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::rayon(2)); Ok(()) });
+        let _ = rep;
+        }
+        crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k);
+        let mut md = 0f32;
+        for i in 0..m { for j in 0..n { md = md.max((om[(i, j)] - out[i * n + j]).abs()); } }
+        println!("faer vs gemm max diff {md}");
+        for _ in 0..3 {
+        time("gemm x·wᵀ rayon(2)", 30, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k); Ok(()) });
+        time("faer x·wᵀ rayon(2)", 30, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::rayon(2)); Ok(()) });
+        time("faer x·wᵀ seq", 10, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::Seq); Ok(()) });
+        time("faer dy·w rayon(2)", 30, || { let dy = faer::MatRef::from_row_major_slice(&out, m, n); let mut dx = faer::Mat::<f32>::zeros(m, k); faer::linalg::matmul::matmul(dx.as_mut(), faer::Accum::Replace, dy, wm, 1.0f32, faer::Par::rayon(2)); Ok(()) });
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_ce() {
+        let logits = Var::from_tensor(&randn(&[1024, 49152], 7).unwrap()).unwrap();
+        let labels: Vec<i64> = (0..1024).map(|i| if i % 5 == 0 { -100 } else { (i * 37) % 49152 }).collect();
+        let labels = Tensor::new(labels.as_slice(), &candle_core::Device::Cpu).unwrap();
+        time("cross_entropy fwd", 3, || { cross_entropy(logits.as_tensor(), &labels)?; Ok(()) });
+        time("cross_entropy fwd+bwd", 3, || { cross_entropy(logits.as_tensor(), &labels)?.backward()?; Ok(()) });
+        time("zeros+add 50M", 3, || { let z = logits.as_tensor().zeros_like()?; let _ = z.add(logits.as_tensor())?; Ok(()) });
+        let x = logits.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        time("exp_f32 map 50M (1 thread)", 3, || { let v: Vec<f32> = x.iter().map(|&a| crate::ops::cpu::exp_f32(a)).collect(); assert!(v.len() > 0); Ok(()) });
+        time("std exp map 50M (1 thread)", 3, || { let v: Vec<f32> = x.iter().map(|&a| a.exp()).collect(); assert!(v.len() > 0); Ok(()) });
+        time("sum_exp 50M (1 thread)", 3, || { let s = crate::ops::cpu::sum_exp(&x, 0.0); assert!(s > 0.0); Ok(()) });
+    }
+
+    #[test]
+    #[ignore]
     fn bench_ops() {
         println!("threads {}", rayon::current_num_threads());
         let x = randn(&[1024, 576], 1).unwrap();

@@ -115,8 +115,14 @@ pub(crate) fn gemm_f32(
     }
     // The last element each operand touches must be in bounds: the unsafe call below reads
     // raw pointers, so check here instead of trusting the caller's strides.
-    assert!((m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(), "gemm lhs out of bounds");
-    assert!((k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(), "gemm rhs out of bounds");
+    assert!(
+        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+        "gemm lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+        "gemm rhs out of bounds"
+    );
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -179,7 +185,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let fx = r - ROUND;
     let z = xc - fx * C1 - fx * C2;
     let z2 = z * z;
-    let p = ((((1.987_569_1e-4 * z + 1.398_199_9e-3) * z + 8.333_452e-3) * z + 4.166_579_6e-2) * z + 1.666_666_5e-1) * z
+    let p = ((((1.987_569_1e-4 * z + 1.398_199_9e-3) * z + 8.333_452e-3) * z + 4.166_579_6e-2) * z + 1.666_666_5e-1)
+        * z
         + 5.000_000_1e-1;
     let y = p * z2 + z + 1.0;
     let scale = f32::from_bits((n.wrapping_add(127) as u32) << 23);
@@ -193,11 +200,34 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// Runs `f` compiled for AVX2 when the CPU has it (checked once, cached by std), else as
+/// is. Kernel bodies are `#[inline(always)]` helpers, so wrapping a row loop in `simd`
+/// lets LLVM widen it to 8 lanes without building the crate for a newer CPU baseline.
+#[inline(always)]
+pub(crate) fn simd<R, F: FnOnce() -> R>(f: F) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn with_avx2<R, F: FnOnce() -> R>(f: F) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature the function is compiled for was detected at run time.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
 /// Lanes for the manual reductions below: independent accumulators let the compiler keep
 /// them in one vector register (a single running float sum would serialise the loop).
 const LANES: usize = 8;
+/// Elements summed in f32 lanes before the partial is folded into an f64 total, which
+/// bounds the f32 rounding however long the slice is.
+const BLOCK: usize = 256;
 
 /// Maximum of a row; `-inf` for an empty row. NaN entries are skipped, like `f32::max`.
+#[inline(always)]
 pub(crate) fn row_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -214,63 +244,67 @@ pub(crate) fn row_max(x: &[f32]) -> f32 {
     m
 }
 
-/// `Σ exp(x - shift)`, lane-accumulated in f32 and combined in f64.
-pub(crate) fn sum_exp(x: &[f32], shift: f32) -> f64 {
+/// Sum of at most a few hundred values in f32 lanes.
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] += exp_f32(c[i] - shift);
-        }
-    }
-    let mut s: f64 = tail.iter().map(|&v| exp_f32(v - shift) as f64).sum();
-    for a in acc {
-        s += a as f64;
-    }
-    s
-}
-
-/// `out = exp(x - shift)`; returns the sum of `out` (lane-accumulated, combined in f64).
-pub(crate) fn exp_store_sum(x: &[f32], shift: f32, out: &mut [f32]) -> f64 {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = exp_f32(v - shift);
-    }
-    sum_f32(out)
-}
-
-/// Sum of a slice, lane-accumulated in f32 and combined in f64.
-pub(crate) fn sum_f32(x: &[f32]) -> f64 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
+    let tail: f32 = chunks.remainder().iter().sum();
     for c in chunks {
         for i in 0..LANES {
             acc[i] += c[i];
         }
     }
-    let mut s: f64 = tail.iter().map(|&v| v as f64).sum();
-    for a in acc {
-        s += a as f64;
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sum of a slice: f32 lanes within blocks, f64 across blocks.
+#[inline(always)]
+pub(crate) fn sum_f32(x: &[f32]) -> f64 {
+    x.chunks(BLOCK).map(|b| lane_sum(b) as f64).sum()
+}
+
+/// Dot product: f32 lanes within blocks, f64 across blocks.
+#[inline(always)]
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
+    let mut buf = [0f32; BLOCK];
+    let mut s = 0f64;
+    for (ca, cb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let t = &mut buf[..ca.len().min(cb.len())];
+        for ((t, &x), &y) in t.iter_mut().zip(ca).zip(cb) {
+            *t = x * y;
+        }
+        s += lane_sum(t) as f64;
     }
     s
 }
 
-/// Dot product, lane-accumulated in f32 and combined in f64.
-pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f32; LANES];
-    let ca = a.chunks_exact(LANES);
-    let cb = b.chunks_exact(LANES);
-    let mut s: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| (x * y) as f64).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
+/// `out = scale · exp(x - shift)` element-wise.
+#[inline(always)]
+pub(crate) fn exp_map(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = scale * exp_f32(v - shift);
     }
-    for a in acc {
-        s += a as f64;
+}
+
+/// `Σ exp(x - shift)` without keeping the exponentials.
+#[inline(always)]
+pub(crate) fn sum_exp(x: &[f32], shift: f32) -> f64 {
+    let mut buf = [0f32; BLOCK];
+    let mut s = 0f64;
+    for c in x.chunks(BLOCK) {
+        let b = &mut buf[..c.len()];
+        exp_map(c, shift, 1.0, b);
+        s += lane_sum(b) as f64;
     }
     s
+}
+
+/// `out = exp(x - shift)`; returns the sum of `out`.
+#[inline(always)]
+pub(crate) fn exp_store_sum(x: &[f32], shift: f32, out: &mut [f32]) -> f64 {
+    exp_map(x, shift, 1.0, out);
+    sum_f32(out)
 }
 
 #[cfg(test)]
@@ -308,6 +342,9 @@ mod tests {
         assert!(((fast - naive) / naive).abs() < 1e-6);
         let mut out = vec![0f32; x.len()];
         assert!((exp_store_sum(&x, m, &mut out) - fast).abs() < 1e-9 * fast);
+        let long = vec![0.1f32; 3_000_000];
+        println!("sum of 3e6 × 0.1 = {}", sum_f32(&long));
+        assert!((sum_f32(&long) - 300_000.0).abs() < 1.0);
         let naive_dot: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
         println!("dot rel err {:e}", ((dot_f32(&x, &y) - naive_dot) / naive_dot).abs());
         assert!(((dot_f32(&x, &y) - naive_dot) / naive_dot).abs() < 1e-5);

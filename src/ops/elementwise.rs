@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp_f32, f32_data, is_cpu_f32, CResult};
+use super::cpu::{exp_f32, f32_data, is_cpu_f32, simd, CResult};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -52,14 +52,22 @@ impl CustomOp2 for SiluMul {
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
+                simd(|| {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let need_g = gate.track_op();
         let need_u = up.track_op();
         if !need_g && !need_u {
@@ -100,13 +108,15 @@ impl CustomOp3 for SiluMulBwd {
             .zip(du.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
             .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    let silu = g[i] * s;
-                    // d silu / d g = s (1 + g (1 - s))
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = dy[i] * silu;
-                }
+                simd(|| {
+                    for i in 0..g.len() {
+                        let s = sigmoid(g[i]);
+                        let silu = g[i] * s;
+                        // d silu / d g = s (1 + g (1 - s))
+                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        du[i] = dy[i] * silu;
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
@@ -214,7 +224,13 @@ mod tests {
     fn silu_mul_finite_differences() -> Result<()> {
         let g = (randn(&[4, 6], 56)? * 3.0)?;
         let u = randn(&[4, 6], 57)?;
-        let rep = finite_difference_check("silu_mul", |t: &[Tensor]| silu_mul(&t[0], &t[1]), &[g, u], &[0, 1], 1e-2)?;
+        let rep = finite_difference_check(
+            "silu_mul",
+            |t: &[Tensor]| silu_mul(&t[0], &t[1]),
+            &[g, u],
+            &[0, 1],
+            1e-2,
+        )?;
         rep.assert_within(2e-3);
         Ok(())
     }
@@ -229,7 +245,9 @@ mod tests {
 
         // Mask equals the documented draw order: kept iff next_f32() >= p.
         let mut rng = Rng::new(9);
-        let expect: Vec<f32> = (0..64 * 50).map(|_| if rng.next_f32() >= p { 1.0 / (1.0 - p) } else { 0.0 }).collect();
+        let expect: Vec<f32> = (0..64 * 50)
+            .map(|_| if rng.next_f32() >= p { 1.0 / (1.0 - p) } else { 0.0 })
+            .collect();
         let expect = Tensor::from_vec(expect, (64, 50), x.device())?;
         let d = max_abs_diff(&y, &(x.as_tensor() * &expect)?)?;
         println!("dropout vs explicit mask max |diff| = {d:e}");

@@ -105,8 +105,12 @@ where
         checked: 0,
     };
     for &i in wrt {
-        let var = vars[i].as_ref().ok_or_else(|| Error::msg("gradcheck: input index repeated"))?;
-        let g = grads.get(var).ok_or_else(|| Error::NoGradient(format!("{name} input {i}")))?;
+        let var = vars[i]
+            .as_ref()
+            .ok_or_else(|| Error::msg("gradcheck: input index repeated"))?;
+        let g = grads
+            .get(var)
+            .ok_or_else(|| Error::NoGradient(format!("{name} input {i}")))?;
         let analytic = host_f64(g)?;
         let base = inputs[i].flatten_all()?;
         let base_host = host_f64(&base)?;
@@ -169,12 +173,37 @@ mod tests {
         let gidx = Tensor::new(&[[1u32, 0], [5, 5], [2, 3], [0, 0]], &dev)?;
         check("gather", |t| Ok(t[0].gather(&gidx, D::Minus1)?), &[a.clone()], &[0])?;
         check("narrow", |t| Ok(t[0].narrow(1, 2, 3)?), &[a.clone()], &[0])?;
-        check("cat", |t| Ok(Tensor::cat(&[&t[0], &t[1]], 1)?), &[a.clone(), b.clone()], &[0, 1])?;
-        check("transpose+contiguous", |t| Ok(t[0].t()?.contiguous()?), &[a.clone()], &[0])?;
-        check("broadcast_mul", |t| Ok(t[0].broadcast_mul(&t[1])?), &[a.clone(), row.clone()], &[0, 1])?;
-        check("broadcast_add", |t| Ok(t[0].broadcast_add(&t[1])?), &[a.clone(), row.clone()], &[0, 1])?;
+        check(
+            "cat",
+            |t| Ok(Tensor::cat(&[&t[0], &t[1]], 1)?),
+            &[a.clone(), b.clone()],
+            &[0, 1],
+        )?;
+        check(
+            "transpose+contiguous",
+            |t| Ok(t[0].t()?.contiguous()?),
+            &[a.clone()],
+            &[0],
+        )?;
+        check(
+            "broadcast_mul",
+            |t| Ok(t[0].broadcast_mul(&t[1])?),
+            &[a.clone(), row.clone()],
+            &[0, 1],
+        )?;
+        check(
+            "broadcast_add",
+            |t| Ok(t[0].broadcast_add(&t[1])?),
+            &[a.clone(), row.clone()],
+            &[0, 1],
+        )?;
         check("broadcast_as", |t| Ok(t[0].broadcast_as((3, 6))?), &[row.clone()], &[0])?;
-        check("matmul", |t| Ok(t[0].matmul(&t[1].t()?)?), &[a.clone(), b.clone()], &[0, 1])?;
+        check(
+            "matmul",
+            |t| Ok(t[0].matmul(&t[1].t()?)?),
+            &[a.clone(), b.clone()],
+            &[0, 1],
+        )?;
         Ok(())
     }
 }

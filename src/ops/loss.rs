@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp_f32, f32_data, i64_data, is_cpu_f32, row_max, sum_exp, CResult};
+use super::cpu::{exp_map, f32_data, i64_data, is_cpu_f32, row_max, simd, sum_exp, CResult};
 use super::IGNORE_INDEX;
 use crate::error::{Error, Result};
 
@@ -26,7 +26,10 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         });
     }
     if !labels.dtype().is_int() {
-        return Err(Error::msg(format!("cross_entropy labels must be integers, got {:?}", labels.dtype())));
+        return Err(Error::msg(format!(
+            "cross_entropy labels must be integers, got {:?}",
+            labels.dtype()
+        )));
     }
     let labels = labels.to_dtype(DType::I64)?;
     if !is_cpu_f32(logits) {
@@ -63,7 +66,8 @@ fn label_index(label: i64, pos: usize, v: usize) -> CResult<Option<usize>> {
     Ok(Some(label as usize))
 }
 
-/// log Σ exp(row), max-shifted, summed in f64.
+/// log Σ exp(row), max-shifted.
+#[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row_max(row);
     if !max.is_finite() {
@@ -95,7 +99,7 @@ impl CustomOp2 for CrossEntropy {
                 .map(|(row, l)| match l {
                     None => (0.0, 0.0),
                     Some(l) => {
-                        let lse = log_sum_exp(row);
+                        let lse = simd(|| log_sum_exp(row));
                         (lse, (lse - row[*l]) as f64)
                     }
                 })
@@ -112,8 +116,19 @@ impl CustomOp2 for CrossEntropy {
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, logits: &Tensor, labels: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (lse, count) = match self.saved.lock().ok().and_then(|s| s.as_ref().map(|s| (s.lse.clone(), s.count))) {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (lse, count) = match self
+            .saved
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| (s.lse.clone(), s.count)))
+        {
             Some(s) => s,
             None => return Err(candle_core::Error::Msg("cross_entropy: backward before forward".into()).bt()),
         };
@@ -150,9 +165,7 @@ impl CustomOp2 for CrossEntropyBwd {
             .zip(labels.par_iter().zip(self.lse.par_iter()))
             .try_for_each(|((o, row), (&l, &lse))| -> CResult<()> {
                 if let Some(l) = label_index(l, 0, v)? {
-                    for (o, &x) in o.iter_mut().zip(row) {
-                        *o = scale * exp_f32(x - lse);
-                    }
+                    simd(|| exp_map(row, lse, scale, o));
                     o[l] -= scale;
                 }
                 Ok(())
@@ -179,7 +192,11 @@ mod tests {
         let l = cross_entropy(x.as_tensor(), &y)?;
         let l_ref = reference::cross_entropy(x.as_tensor(), &y)?;
         let d = max_abs_diff(&l, &l_ref)?;
-        println!("cross_entropy loss {} vs reference {} (|diff| {d:e})", l.to_scalar::<f32>()?, l_ref.to_scalar::<f32>()?);
+        println!(
+            "cross_entropy loss {} vs reference {} (|diff| {d:e})",
+            l.to_scalar::<f32>()?,
+            l_ref.to_scalar::<f32>()?
+        );
         assert!(d < 1e-5);
         assert_eq!(l.dims(), &[] as &[usize]);
         // Scale the loss so the upstream gradient is not 1.
@@ -211,7 +228,10 @@ mod tests {
         let x = randn(&[2, 5], 43)?;
         assert!(cross_entropy(&x, &labels(&[1, 5])?).is_err());
         assert!(cross_entropy(&x, &labels(&[-1, 0])?).is_err());
-        assert!(matches!(cross_entropy(&x, &labels(&[1])?), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            cross_entropy(&x, &labels(&[1])?),
+            Err(Error::ShapeMismatch { .. })
+        ));
         // u32 labels are accepted and mean the same thing.
         let a = cross_entropy(&x, &Tensor::new(&[1u32, 4], &Device::Cpu)?)?.to_scalar::<f32>()?;
         let b = cross_entropy(&x, &labels(&[1, 4])?)?.to_scalar::<f32>()?;
@@ -223,7 +243,13 @@ mod tests {
     fn finite_differences() -> Result<()> {
         let x = (randn(&[5, 13], 44)? * 2.0)?;
         let y = labels(&[0, 12, -100, 7, 3])?;
-        let rep = finite_difference_check("cross_entropy", |t: &[Tensor]| cross_entropy(&t[0], &y), &[x], &[0], 1e-2)?;
+        let rep = finite_difference_check(
+            "cross_entropy",
+            |t: &[Tensor]| cross_entropy(&t[0], &y),
+            &[x],
+            &[0],
+            1e-2,
+        )?;
         rep.assert_within(2e-3);
         Ok(())
     }

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dot_f32, f32_data, is_cpu_f32, rows_per_task, CResult};
+use super::cpu::{dot_f32, f32_data, is_cpu_f32, rows_per_task, simd, CResult};
 use crate::error::{Error, Result};
 
 /// `x (.., d)` normalised over `d` and scaled by `w (d)`.
@@ -28,6 +28,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
+#[inline(always)]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let ss = dot_f32(row, row);
     (1.0 / (ss / row.len() as f64 + eps as f64).sqrt()) as f32
@@ -50,12 +51,14 @@ impl CustomOp2 for RmsNorm {
         if d > 0 {
             let chunk = d * rows_per_task(d);
             out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    let r = inv_rms(x, self.eps);
-                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
-                        *o = x * r * w;
+                simd(|| {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        let r = inv_rms(x, self.eps);
+                        for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
+                            *o = x * r * w;
+                        }
                     }
-                }
+                })
             });
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -115,22 +118,24 @@ impl CustomOp3 for RmsNormBwd {
             .fold(
                 || vec![0f64; if need_w { d } else { 0 }],
                 |mut dw, (dx, (x, dy))| {
-                    for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                        let r = inv_rms(x, self.eps);
-                        // g = dy ⊙ w is staged in dx; mean(g ⊙ x̂) = r · (g · x) / d
-                        for i in 0..d {
-                            dx[i] = dy[i] * w[i];
-                        }
-                        let mean = (dot_f32(dx, x) * r as f64 / d as f64) as f32;
-                        for i in 0..d {
-                            dx[i] = r * (dx[i] - x[i] * r * mean);
-                        }
-                        if need_w {
+                    simd(|| {
+                        for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                            let r = inv_rms(x, self.eps);
+                            // g = dy ⊙ w is staged in dx; mean(g ⊙ x̂) = r · (g · x) / d
                             for i in 0..d {
-                                dw[i] += (dy[i] * x[i] * r) as f64;
+                                dx[i] = dy[i] * w[i];
+                            }
+                            let mean = (dot_f32(dx, x) * r as f64 / d as f64) as f32;
+                            for i in 0..d {
+                                dx[i] = r * (dx[i] - x[i] * r * mean);
+                            }
+                            if need_w {
+                                for i in 0..d {
+                                    dw[i] += (dy[i] * x[i] * r) as f64;
+                                }
                             }
                         }
-                    }
+                    });
                     dw
                 },
             )

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dense, f32_data, f32_storage, is_cpu_f32, CResult};
+use super::cpu::{dense, f32_data, f32_storage, is_cpu_f32, simd, CResult};
 use crate::error::{Error, Result};
 
 /// `x (b, h, t, d)` rotated by `cos`/`sin` of shape `(t, d/2)` or `(b, t, d/2)`.
@@ -22,7 +22,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         return Err(Error::ShapeMismatch {
             name: "rope cos/sin".into(),
             expected: vec![b, t, half],
-            got: if ok_table(cos) { sin.dims().to_vec() } else { cos.dims().to_vec() },
+            got: if ok_table(cos) {
+                sin.dims().to_vec()
+            } else {
+                cos.dims().to_vec()
+            },
         });
     }
     if !(is_cpu_f32(x) && is_cpu_f32(cos) && is_cpu_f32(sin)) {
@@ -59,7 +63,13 @@ impl CustomOp3 for Rope {
         // Rows of x are addressed as start + bi*s0 + hi*s1 + ti*s2 (unit stride inside a row).
         let st = l1.stride();
         let (x, start, s0, s1, s2): (Cow<[f32]>, usize, usize, usize, usize) = if st[3] == 1 || d <= 1 {
-            (Cow::Borrowed(f32_storage(s1, "rope")?), l1.start_offset(), st[0], st[1], st[2])
+            (
+                Cow::Borrowed(f32_storage(s1, "rope")?),
+                l1.start_offset(),
+                st[0],
+                st[1],
+                st[2],
+            )
         } else {
             (dense(f32_storage(s1, "rope")?, l1), 0, h * t * d, t * d, d)
         };
@@ -69,19 +79,21 @@ impl CustomOp3 for Rope {
         }
         let sign = self.sign;
         out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
-            let (bi, hi) = (bh / h, bh % h);
-            for ti in 0..t {
-                let src = &x[start + bi * s0 + hi * s1 + ti * s2..][..d];
-                let row = if batched { (bi * t + ti) * half } else { ti * half };
-                let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
-                let (o1, o2) = o[ti * d..(ti + 1) * d].split_at_mut(half);
-                let (x1, x2) = src.split_at(half);
-                for i in 0..half {
-                    let si = sign * s[i];
-                    o1[i] = x1[i] * c[i] - x2[i] * si;
-                    o2[i] = x2[i] * c[i] + x1[i] * si;
+            simd(|| {
+                let (bi, hi) = (bh / h, bh % h);
+                for ti in 0..t {
+                    let src = &x[start + bi * s0 + hi * s1 + ti * s2..][..d];
+                    let row = if batched { (bi * t + ti) * half } else { ti * half };
+                    let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
+                    let (o1, o2) = o[ti * d..(ti + 1) * d].split_at_mut(half);
+                    let (x1, x2) = src.split_at(half);
+                    for i in 0..half {
+                        let si = sign * s[i];
+                        o1[i] = x1[i] * c[i] - x2[i] * si;
+                        o2[i] = x2[i] * c[i] + x1[i] * si;
+                    }
                 }
-            }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -125,7 +137,10 @@ mod tests {
             Some(b) => vec![b, t, half],
             None => vec![t, half],
         };
-        Ok((Tensor::from_vec(c, dims.clone(), &candle_core::Device::Cpu)?, Tensor::from_vec(s, dims, &candle_core::Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(c, dims.clone(), &candle_core::Device::Cpu)?,
+            Tensor::from_vec(s, dims, &candle_core::Device::Cpu)?,
+        ))
     }
 
     fn compare(x: &Var, xv: &Tensor, cos: &Tensor, sin: &Tensor, label: &str) -> Result<()> {

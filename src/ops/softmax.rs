@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dot_f32, exp_store_sum, f32_data, is_cpu_f32, row_max, rows_per_task, CResult};
+use super::cpu::{dot_f32, exp_store_sum, f32_data, is_cpu_f32, row_max, rows_per_task, simd, CResult};
 use crate::error::Result;
 
 /// Softmax over the last dim of `x`.
@@ -16,6 +16,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax of one row, written into `out` (max-subtracted for stability).
+#[inline(always)]
 pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
     let max = row_max(x);
     if max == f32::NEG_INFINITY {
@@ -42,9 +43,11 @@ impl CustomOp1 for Softmax {
         if d > 0 {
             let chunk = d * rows_per_task(d);
             out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    softmax_row(x, o);
-                }
+                simd(|| {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        softmax_row(x, o);
+                    }
+                })
             });
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -73,12 +76,14 @@ impl CustomOp2 for SoftmaxBwd {
             out.par_chunks_mut(chunk)
                 .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
                 .for_each(|(o, (y, dy))| {
-                    for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
-                        let dot = dot_f32(y, dy) as f32;
-                        for i in 0..d {
-                            o[i] = y[i] * (dy[i] - dot);
+                    simd(|| {
+                        for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
+                            let dot = dot_f32(y, dy) as f32;
+                            for i in 0..d {
+                                o[i] = y[i] * (dy[i] - dot);
+                            }
                         }
-                    }
+                    })
                 });
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -96,7 +101,10 @@ mod tests {
     fn matches_reference_values_and_gradient() -> Result<()> {
         // Scaled up so rows are peaked, plus a strided view of the same data.
         let x = Var::from_tensor(&(randn(&[3, 4, 33], 31)? * 4.0)?)?;
-        for (label, xv) in [("contiguous", x.as_tensor().clone()), ("transposed", x.as_tensor().transpose(0, 1)?)] {
+        for (label, xv) in [
+            ("contiguous", x.as_tensor().clone()),
+            ("transposed", x.as_tensor().transpose(0, 1)?),
+        ] {
             let y = softmax_last_dim(&xv)?;
             let y_ref = reference::softmax_last_dim(&xv)?;
             let d = max_abs_diff(&y, &y_ref)?;
@@ -114,7 +122,10 @@ mod tests {
 
     #[test]
     fn masked_entries_get_zero_probability() -> Result<()> {
-        let x = Tensor::new(&[[0.5f32, f32::NEG_INFINITY, 1.0], [f32::NEG_INFINITY; 3]], &candle_core::Device::Cpu)?;
+        let x = Tensor::new(
+            &[[0.5f32, f32::NEG_INFINITY, 1.0], [f32::NEG_INFINITY; 3]],
+            &candle_core::Device::Cpu,
+        )?;
         let y = softmax_last_dim(&x)?.to_vec2::<f32>()?;
         println!("softmax masked rows: {y:?}");
         assert_eq!(y[0][1], 0.0);

@@ -72,7 +72,10 @@ impl MetricsLog {
             }
         }
         crate::io::atomic::write_file(path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).at(path)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .at(path)?;
         Ok(MetricsLog {
             path: path.to_path_buf(),
             file,
@@ -146,7 +149,12 @@ mod tests {
         assert_eq!(all[0].grad_norm, None);
 
         // Torn last line from a crash, then resume at step 30.
-        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"{\"step\":70,\"lo").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"{\"step\":70,\"lo")
+            .unwrap();
         let mut log = MetricsLog::resume(&p, 30).unwrap();
         log.append(&rec(40, f64::NAN)).unwrap();
         let after = read_records(&p).unwrap();
@@ -157,7 +165,10 @@ mod tests {
 
         // A corrupt line in the middle is an error naming the line.
         std::fs::write(&p, "{\"step\":1,\"loss\":1,\"lr\":0,\"tokens_per_s\":0}\nnot json\n{\"step\":2,\"loss\":1,\"lr\":0,\"tokens_per_s\":0}\n").unwrap();
-        assert!(matches!(MetricsLog::resume(&p, 5), Err(Error::Record { index: 1, .. })));
+        assert!(matches!(
+            MetricsLog::resume(&p, 5),
+            Err(Error::Record { index: 1, .. })
+        ));
         // Resuming without a file starts one.
         let q = d.path().join("new.jsonl");
         MetricsLog::resume(&q, 3).unwrap();

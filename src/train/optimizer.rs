@@ -75,10 +75,15 @@ impl AdamW {
     pub fn add_params(&mut self, params: Vec<(String, Var)>) -> Result<()> {
         for (name, var) in params {
             if self.params.iter().any(|p| p.name == name) {
-                return Err(Error::msg(format!("parameter `{name}` is already in the optimizer")));
+                return Err(Error::msg(format!(
+                    "parameter `{name}` is already in the optimizer"
+                )));
             }
             if var.dtype() != DType::F32 {
-                return Err(Error::msg(format!("parameter `{name}` is {:?}; AdamW needs f32", var.dtype())));
+                return Err(Error::msg(format!(
+                    "parameter `{name}` is {:?}; AdamW needs f32",
+                    var.dtype()
+                )));
             }
             let n = var.elem_count();
             self.params.push(ParamState {
@@ -156,7 +161,11 @@ impl AdamW {
                 for i in 0..x.len() {
                     x[i] *= decay;
                     // torch.lerp for weight < 0.5: m + w·(g − m).
-                    m[i] = if w1 < 0.5 { m[i] + w1 * (g[i] - m[i]) } else { g[i] - (g[i] - m[i]) * (1.0 - w1) };
+                    m[i] = if w1 < 0.5 {
+                        m[i] + w1 * (g[i] - m[i])
+                    } else {
+                        g[i] - (g[i] - m[i]) * (1.0 - w1)
+                    };
                     v[i] = v[i] * b2 + w2 * g[i] * g[i];
                     let denom = v[i].sqrt() / bc2_sqrt + eps;
                     x[i] += neg_step * m[i] / denom;
@@ -200,9 +209,18 @@ impl AdamW {
         let mut out = Vec::with_capacity(3 * self.params.len());
         for p in &self.params {
             let shape = p.var.shape().clone();
-            out.push((format!("{}.exp_avg", p.name), Tensor::from_slice(&p.exp_avg, shape.clone(), &cpu)?));
-            out.push((format!("{}.exp_avg_sq", p.name), Tensor::from_slice(&p.exp_avg_sq, shape, &cpu)?));
-            out.push((format!("{}.step", p.name), Tensor::new(&[p.step as i64], &cpu)?));
+            out.push((
+                format!("{}.exp_avg", p.name),
+                Tensor::from_slice(&p.exp_avg, shape.clone(), &cpu)?,
+            ));
+            out.push((
+                format!("{}.exp_avg_sq", p.name),
+                Tensor::from_slice(&p.exp_avg_sq, shape, &cpu)?,
+            ));
+            out.push((
+                format!("{}.step", p.name),
+                Tensor::new(&[p.step as i64], &cpu)?,
+            ));
         }
         Ok(out)
     }
@@ -221,10 +239,18 @@ impl AdamW {
             };
             let (m, v) = (read("exp_avg")?, read("exp_avg_sq")?);
             let step_name = format!("{}.step", p.name);
-            let steps = state.get(&step_name)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let steps = state
+                .get(&step_name)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             let step = match steps.as_slice() {
                 [s] if *s >= 0.0 && s.fract() == 0.0 => *s as u64,
-                _ => return Err(Error::msg(format!("`{step_name}` must hold one non-negative integer, got {steps:?}"))),
+                _ => {
+                    return Err(Error::msg(format!(
+                        "`{step_name}` must hold one non-negative integer, got {steps:?}"
+                    )))
+                }
             };
             loaded.push((m, v, step));
         }
@@ -274,204 +300,4 @@ fn grad_of(grads: &GradStore, name: &str, var: &Var) -> Result<Vec<f32>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    const P0: [f32; 6] = [0.5, -1.0, 2.0, 0.0, 0.25, -3.0];
-    const Q0: [f32; 2] = [1.5, -0.5];
-    const GP: [[f32; 6]; 3] = [
-        [0.1, -0.2, 0.3, -0.4, 0.5, -0.6],
-        [1.0, 0.0, -1.0, 2.0, -2.0, 0.5],
-        [-0.3, 0.7, 0.2, 0.05, -0.9, 1.2],
-    ];
-    const GQ: [[f32; 2]; 3] = [[2.0, -1.0], [0.5, 3.0], [-1.0, -2.0]];
-    const LRS: [f64; 3] = [1e-2, 2e-2, 5e-3];
-    const CFG: AdamWConfig = AdamWConfig {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
-
-    fn vars() -> Vec<(String, Var)> {
-        let cpu = Device::Cpu;
-        vec![
-            ("p".into(), Var::from_tensor(&Tensor::new(&P0, &cpu).unwrap().reshape((2, 3)).unwrap()).unwrap()),
-            ("q".into(), Var::from_tensor(&Tensor::new(&Q0, &cpu).unwrap()).unwrap()),
-        ]
-    }
-
-    /// Gradients equal to `gp`, `gq` through real backprop: d/dp sum(p * c) = c.
-    fn grads(params: &[(String, Var)], k: usize) -> GradStore {
-        let cpu = Device::Cpu;
-        let cp = Tensor::new(&GP[k], &cpu).unwrap().reshape((2, 3)).unwrap();
-        let cq = Tensor::new(&GQ[k], &cpu).unwrap();
-        let lp = (params[0].1.as_tensor() * cp).unwrap().sum_all().unwrap();
-        let lq = (params[1].1.as_tensor() * cq).unwrap().sum_all().unwrap();
-        (lp + lq).unwrap().backward().unwrap()
-    }
-
-    fn values(params: &[(String, Var)]) -> Vec<f32> {
-        params.iter().flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
-    }
-
-    /// AdamW written from the update rule in the torch.optim.AdamW documentation, in f64.
-    fn reference(steps: usize, clip: Option<f64>) -> Vec<f64> {
-        let mut x: Vec<f64> = P0.iter().chain(&Q0).map(|&v| v as f64).collect();
-        let (mut m, mut v) = (vec![0f64; 8], vec![0f64; 8]);
-        for k in 0..steps {
-            let mut g: Vec<f64> = GP[k].iter().chain(&GQ[k]).map(|&v| v as f64).collect();
-            if let Some(max) = clip {
-                let n = g.iter().map(|a| a * a).sum::<f64>().sqrt();
-                let c = (max / (n + 1e-6)).min(1.0);
-                g.iter_mut().for_each(|a| *a *= c);
-            }
-            let (lr, t) = (LRS[k], (k + 1) as i32);
-            for i in 0..8 {
-                x[i] -= lr * CFG.weight_decay * x[i];
-                m[i] = CFG.beta1 * m[i] + (1.0 - CFG.beta1) * g[i];
-                v[i] = CFG.beta2 * v[i] + (1.0 - CFG.beta2) * g[i] * g[i];
-                let mhat = m[i] / (1.0 - CFG.beta1.powi(t));
-                let vhat = v[i] / (1.0 - CFG.beta2.powi(t));
-                x[i] -= lr * mhat / (vhat.sqrt() + CFG.eps);
-            }
-        }
-        x
-    }
-
-    fn max_diff(a: &[f32], b: impl IntoIterator<Item = f64>) -> f64 {
-        a.iter().zip(b).map(|(&a, b)| (a as f64 - b).abs()).fold(0.0, f64::max)
-    }
-
-    // torch 2.5.1 torch.optim.AdamW(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1) on CPU,
-    // after step 3 with the gradients and learning rates above (p then q, flattened).
-    const TORCH_3: [f64; 8] = [
-        0.47006818652153015, -0.9754946231842041, 1.994807243347168, -0.004376358352601528,
-        0.2535955309867859, -2.9813709259033203, 1.4666838645935059, -0.4980616867542267,
-    ];
-    // The same with torch.nn.utils.clip_grad_norm_(params, 1.0) before every step.
-    const TORCH_3_CLIP: [f64; 8] = [
-        0.4696085453033447, -0.9753574132919312, 1.9900776147842407, -0.0013718267437070608,
-        0.25019314885139465, -2.975646734237671, 1.468024730682373, -0.4927668869495392,
-    ];
-    const TORCH_NORMS: [f64; 3] = [2.431049108505249, 4.41588020324707, 2.805797576904297];
-
-    #[test]
-    fn three_steps_match_reference_and_torch() {
-        for clip in [None, Some(1.0)] {
-            let params = vars();
-            let mut opt = AdamW::new(params.clone(), CFG).unwrap();
-            for k in 0..3 {
-                let g = grads(&params, k);
-                if let Some(max) = clip {
-                    let n = opt.clip_grad_norm(&g, max).unwrap();
-                    assert!((n - TORCH_NORMS[k]).abs() < 1e-6, "norm {n} vs {}", TORCH_NORMS[k]);
-                }
-                opt.step(&g, LRS[k]).unwrap();
-                let d = max_diff(&values(&params), reference(k + 1, clip));
-                println!("clip {clip:?} step {}: max |diff| vs f64 reference = {d:e}", k + 1);
-                assert!(d < 2e-6, "{d}");
-            }
-            let torch = if clip.is_some() { TORCH_3_CLIP } else { TORCH_3 };
-            let d = max_diff(&values(&params), torch);
-            println!("clip {clip:?}: max |diff| vs torch = {d:e}");
-            // Within an f32 rounding step of PyTorch's values.
-            assert!(d < 1e-8, "{d}");
-        }
-    }
-
-    #[test]
-    fn missing_gradient_is_an_error_and_changes_nothing() {
-        let params = vars();
-        let extra = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
-        let mut opt = AdamW::new(params.clone(), CFG).unwrap();
-        opt.add_params(vec![("dash.w".into(), extra)]).unwrap();
-        let before = values(&params);
-        let err = opt.step(&grads(&params, 0), 1e-2).unwrap_err();
-        assert!(matches!(&err, Error::NoGradient(n) if n == "dash.w"), "{err:?}");
-        assert_eq!(values(&params), before);
-        assert!(opt.add_params(vec![("p".into(), params[0].1.clone())]).is_err());
-        // Dropping the gradient-less parameter makes the step valid again.
-        opt.retain(|n| n != "dash.w");
-        assert_eq!(opt.params().map(|(n, _)| n).collect::<Vec<_>>(), vec!["p", "q"]);
-        opt.step(&grads(&params, 0), LRS[0]).unwrap();
-        let d = max_diff(&values(&params), reference(1, None));
-        assert!(d < 2e-6, "{d}");
-    }
-
-    #[test]
-    fn state_round_trip_continues_identically() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("opt.safetensors");
-        let params = vars();
-        let mut opt = AdamW::new(params.clone(), CFG).unwrap();
-        opt.step(&grads(&params, 0), LRS[0]).unwrap();
-        let st = opt.state_tensors().unwrap();
-        crate::io::weights::save_tensors(st.iter().map(|(n, t)| (n.as_str(), t)), &path, None).unwrap();
-        let snapshot = values(&params);
-
-        // Continue the original.
-        for k in 1..3 {
-            opt.step(&grads(&params, k), LRS[k]).unwrap();
-        }
-        let expected = values(&params);
-
-        // Fresh parameters at the snapshot, fresh optimizer, loaded state.
-        let cpu = Device::Cpu;
-        let fresh = vec![
-            ("p".to_string(), Var::from_tensor(&Tensor::new(&snapshot[..6], &cpu).unwrap().reshape((2, 3)).unwrap()).unwrap()),
-            ("q".to_string(), Var::from_tensor(&Tensor::new(&snapshot[6..], &cpu).unwrap()).unwrap()),
-        ];
-        let mut opt2 = AdamW::new(fresh.clone(), CFG).unwrap();
-        opt2.load_state(&Weights::load_safetensors(&path).unwrap()).unwrap();
-        for k in 1..3 {
-            opt2.step(&grads(&fresh, k), LRS[k]).unwrap();
-        }
-        assert_eq!(values(&fresh), expected, "resumed steps must be bit-identical");
-
-        // A state for a different parameter set is refused.
-        let mut other = AdamW::new(vec![fresh[0].clone()], CFG).unwrap();
-        assert!(other.load_state(&Weights::load_safetensors(&path).unwrap()).is_err());
-        let mut bigger = AdamW::new(fresh.clone(), CFG).unwrap();
-        let z = Var::from_tensor(&Tensor::zeros(2, DType::F32, &cpu).unwrap()).unwrap();
-        bigger.add_params(vec![("r".into(), z)]).unwrap();
-        let e = bigger.load_state(&Weights::load_safetensors(&path).unwrap()).unwrap_err();
-        assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
-    }
-
-    #[test]
-    fn large_parameter_step_is_fast() {
-        let n = 1 << 20;
-        let cpu = Device::Cpu;
-        let var = Var::from_tensor(&Tensor::ones(n, DType::F32, &cpu).unwrap()).unwrap();
-        let loss = (var.as_tensor() * 0.5).unwrap().sum_all().unwrap();
-        let g = loss.backward().unwrap();
-        let mut opt = AdamW::new(vec![("w".into(), var.clone())], CFG).unwrap();
-        let t0 = std::time::Instant::now();
-        for _ in 0..5 {
-            opt.step(&g, 1e-3).unwrap();
-        }
-        let per_step = t0.elapsed().as_secs_f64() / 5.0;
-        println!("AdamW step over {n} params: {:.2} ms", per_step * 1e3);
-        // Constant gradient: each step moves by about lr (m̂/√v̂ = 1), after decay.
-        let w = var.as_tensor().to_vec1::<f32>().unwrap();
-        let expect = reference_const(5, 1.0, 0.5, 1e-3);
-        let d = w.iter().map(|&x| (x as f64 - expect).abs()).fold(0.0, f64::max);
-        println!("max |diff| vs f64 reference = {d:e}");
-        assert!(d < 1e-6, "{d}");
-        assert!(per_step < 0.5, "step took {per_step} s");
-    }
-
-    fn reference_const(steps: i32, x0: f64, g: f64, lr: f64) -> f64 {
-        let (mut x, mut m, mut v) = (x0, 0.0, 0.0);
-        for t in 1..=steps {
-            x -= lr * CFG.weight_decay * x;
-            m = CFG.beta1 * m + (1.0 - CFG.beta1) * g;
-            v = CFG.beta2 * v + (1.0 - CFG.beta2) * g * g;
-            x -= lr * (m / (1.0 - CFG.beta1.powi(t))) / ((v / (1.0 - CFG.beta2.powi(t))).sqrt() + CFG.eps);
-        }
-        x
-    }
-}
+mod tests;

@@ -22,21 +22,36 @@ pub fn plot_loss_curve(records: &[MetricRecord], path: &Path) -> Result<()> {
         .collect();
     let val: Vec<(f64, f64)> = records
         .iter()
-        .filter_map(|r| r.val_loss.filter(|v| v.is_finite()).map(|v| (r.step as f64, v)))
+        .filter_map(|r| {
+            r.val_loss
+                .filter(|v| v.is_finite())
+                .map(|v| (r.step as f64, v))
+        })
         .collect();
 
     // The backend picks the encoder from the extension, so the temporary name ends in .png.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp{}.png", std::process::id()));
     let drawn = draw(&tmp, &train, &val, true).or_else(|_| draw(&tmp, &train, &val, false));
     if let Err(e) = drawn {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::format(path, format!("cannot draw the loss curve: {e}")));
+        return Err(Error::format(
+            path,
+            format!("cannot draw the loss curve: {e}"),
+        ));
     }
     std::fs::rename(&tmp, path).at(path)
 }
 
-fn draw(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)], text: bool) -> std::result::Result<(), String> {
+fn draw(
+    path: &Path,
+    train: &[(f64, f64)],
+    val: &[(f64, f64)],
+    text: bool,
+) -> std::result::Result<(), String> {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     plot_into(&root, train, val, text).map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
@@ -69,11 +84,15 @@ fn plot_into<DB: DrawingBackend>(
             .draw()?;
     } else {
         chart.plotting_area().draw(&Rectangle::new(
-            [(chart.x_range().start, chart.y_range().start), (chart.x_range().end, chart.y_range().end)],
+            [
+                (chart.x_range().start, chart.y_range().start),
+                (chart.x_range().end, chart.y_range().end),
+            ],
             BLACK.stroke_width(1),
         ))?;
     }
-    let train_series = chart.draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?;
+    let train_series =
+        chart.draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))?;
     if text {
         train_series
             .label("train loss")
@@ -81,7 +100,9 @@ fn plot_into<DB: DrawingBackend>(
     }
     let val_series = chart.draw_series(val.iter().map(|&p| Circle::new(p, 5, RED.filled())))?;
     if text {
-        val_series.label("val loss").legend(|(x, y)| Circle::new((x + 10, y), 5, RED.filled()));
+        val_series
+            .label("val loss")
+            .legend(|(x, y)| Circle::new((x + 10, y), 5, RED.filled()));
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -93,7 +114,9 @@ fn plot_into<DB: DrawingBackend>(
 }
 
 /// Axis ranges covering all points with a 5% margin on the loss axis.
-fn ranges<'a>(points: impl Iterator<Item = &'a (f64, f64)>) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+fn ranges<'a>(
+    points: impl Iterator<Item = &'a (f64, f64)>,
+) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
     let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points {
         x1 = x1.max(x);
@@ -121,7 +144,11 @@ mod tests {
             for &b in data {
                 c ^= b as u32;
                 for _ in 0..8 {
-                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c
@@ -133,7 +160,12 @@ mod tests {
             let kind = &bytes[pos + 4..pos + 8];
             let data = &bytes[pos + 8..pos + 8 + len];
             let crc = u32::from_be_bytes(bytes[pos + 8 + len..pos + 12 + len].try_into().unwrap());
-            assert_eq!(crc, crc32(&bytes[pos + 4..pos + 8 + len]), "CRC of chunk {:?}", String::from_utf8_lossy(kind));
+            assert_eq!(
+                crc,
+                crc32(&bytes[pos + 4..pos + 8 + len]),
+                "CRC of chunk {:?}",
+                String::from_utf8_lossy(kind)
+            );
             match kind {
                 b"IHDR" => {
                     dims = (
@@ -168,7 +200,10 @@ mod tests {
         plot_loss_curve(&records, &p).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         let (w, h, idat) = check_png(&bytes);
-        println!("loss.png: {} bytes, {w}x{h}, {idat} bytes of image data", bytes.len());
+        println!(
+            "loss.png: {} bytes, {w}x{h}, {idat} bytes of image data",
+            bytes.len()
+        );
         assert_eq!((w, h), SIZE);
         assert!(bytes.len() > 5_000, "{} bytes", bytes.len());
         // A plot with content compresses worse than a blank canvas.

@@ -23,7 +23,10 @@ impl std::str::FromStr for ScheduleKind {
             "constant" | "constant_with_warmup" => Ok(ScheduleKind::Constant),
             "linear" => Ok(ScheduleKind::Linear),
             "cosine" => Ok(ScheduleKind::Cosine),
-            _ => Err(Error::config("lr_scheduler", format!("`{s}` is not one of constant, linear, cosine"))),
+            _ => Err(Error::config(
+                "lr_scheduler",
+                format!("`{s}` is not one of constant, linear, cosine"),
+            )),
         }
     }
 }
@@ -39,7 +42,11 @@ pub struct Schedule {
 impl Schedule {
     /// The multiplier of `base_lr` at optimiser step `step` (transformers' `lr_lambda`).
     pub fn factor(&self, step: usize) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return s / w.max(1.0);
         }
@@ -122,7 +129,10 @@ mod tests {
             base_lr: 1.0,
         };
         assert!(deg.lr_at(3).is_finite());
-        assert_eq!("cosine".parse::<ScheduleKind>().unwrap(), ScheduleKind::Cosine);
+        assert_eq!(
+            "cosine".parse::<ScheduleKind>().unwrap(),
+            ScheduleKind::Cosine
+        );
         assert!("step".parse::<ScheduleKind>().is_err());
     }
 }

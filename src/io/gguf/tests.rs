@@ -118,8 +118,11 @@ fn tiny_llama_reads_back_in_hf_form() {
             (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.intermediate_size, c.head_dim),
             (TINY_LAYERS, TINY_HIDDEN, TINY_HEADS, TINY_KV_HEADS, TINY_FF, TINY_HIDDEN / TINY_HEADS)
         );
-        assert_eq!((c.vocab_size, c.tie_word_embeddings, c.max_position_embeddings), (3 + 256 + TINY_MERGES.len(), tied, 256));
-        assert_eq!((c.rope_theta, c.rms_norm_eps as f32), (10000.0, 1e-5));
+        assert_eq!(
+            (c.vocab_size, c.tie_word_embeddings, c.max_position_embeddings),
+            (3 + 256 + TINY_MERGES.len(), tied, 256)
+        );
+        assert_eq!((c.rope_theta, c.rms_norm_eps), (10000.0, 1e-5));
         assert_eq!((c.bos_token_id, c.eos_token_ids.clone(), c.pad_token_id), (Some(1), vec![2], Some(0)));
         assert_eq!(model.kind, SourceKind::Gguf);
 
@@ -193,16 +196,41 @@ pub(crate) fn smollm2_gguf() -> Option<PathBuf> {
 /// tensor: (name, first 4 values, row 1's first 3 values, sum, sum of |x|).
 #[allow(clippy::type_complexity)]
 const SMOLLM2_REF: &[(&str, [f64; 4], [f64; 3], f64, f64)] = &[
-    ("model.embed_tokens.weight", [-0.10654449462890625, 0.032978057861328125, 0.048198699951171875, -0.022830963134765625],
-        [-0.0238037109375, -0.015869140625, -0.0396728515625], -1.535304449e+04, 2.802153620e+06),
-    ("model.layers.0.self_attn.q_proj.weight", [-0.0963134765625, 0.1573486328125, -0.0963134765625, -0.73046875],
-        [-0.1591796875, 0.39794921875, -0.0198974609375], 5.922322083e+01, 6.339539873e+04),
-    ("model.layers.0.self_attn.k_proj.weight", [-0.1552734375, 0.3402099609375, -0.485595703125, -0.3204345703125],
-        [0.203369140625, 0.09136962890625, 0.203369140625], 2.693705750e+01, 2.979478127e+04),
-    ("model.layers.0.self_attn.v_proj.weight", [0.10547637939453125, 0.07936859130859375, -0.09033203125, 0.02715301513671875],
-        [0.0530853271484375, 0.0028076171875, 0.022918701171875], 4.793846130e+00, 3.828750870e+03),
-    ("model.layers.29.mlp.down_proj.weight", [-0.2733154296875, 0.186279296875, 0.186279296875, 0.04840087890625],
-        [-0.33282470703125, -0.09429931640625, 0.14422607421875], 4.983570862e+01, 1.262509144e+05),
+    (
+        "model.embed_tokens.weight",
+        [-0.10654449462890625, 0.032978057861328125, 0.048198699951171875, -0.022830963134765625],
+        [-0.0238037109375, -0.015869140625, -0.0396728515625],
+        -1.535304449e+04,
+        2.802153620e+06,
+    ),
+    (
+        "model.layers.0.self_attn.q_proj.weight",
+        [-0.0963134765625, 0.1573486328125, -0.0963134765625, -0.73046875],
+        [-0.1591796875, 0.39794921875, -0.0198974609375],
+        5.922322083e+01,
+        6.339539873e+04,
+    ),
+    (
+        "model.layers.0.self_attn.k_proj.weight",
+        [-0.1552734375, 0.3402099609375, -0.485595703125, -0.3204345703125],
+        [0.203369140625, 0.09136962890625, 0.203369140625],
+        2.693705750e+01,
+        2.979478127e+04,
+    ),
+    (
+        "model.layers.0.self_attn.v_proj.weight",
+        [0.10547637939453125, 0.07936859130859375, -0.09033203125, 0.02715301513671875],
+        [0.0530853271484375, 0.0028076171875, 0.022918701171875],
+        4.793846130e+00,
+        3.828750870e+03,
+    ),
+    (
+        "model.layers.29.mlp.down_proj.weight",
+        [-0.2733154296875, 0.186279296875, 0.186279296875, 0.04840087890625],
+        [-0.33282470703125, -0.09429931640625, 0.14422607421875],
+        4.983570862e+01,
+        1.262509144e+05,
+    ),
 ];
 
 #[test]
@@ -215,6 +243,7 @@ fn smollm2_gguf_matches_transformers() {
         (30, 576, 9, 3, 49152, true)
     );
     assert_eq!((c.intermediate_size, c.head_dim, c.rope_theta, c.max_position_embeddings), (1536, 64, 100000.0, 8192));
+    assert_eq!(c.rms_norm_eps, 1e-5);
     assert_eq!(model.weights.len(), 30 * 9 + 2);
     let shapes = [
         ("self_attn.q_proj", [576, 576]),
@@ -260,12 +289,17 @@ fn smollm2_gguf_matches_transformers() {
         ("Hello, world! 123", &[19556, 28, 905, 17, 216, 33, 34, 35]),
         ("<|im_start|>user", &[1, 4093]),
         ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n", &[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198]),
-        ("  spaces\tand\nnewlines 12345 café 😀", &[216, 5600, 197, 397, 198, 2241, 5110, 216, 33, 34, 35, 36, 37, 37366, 40303, 218]),
+        (
+            "  spaces\tand\nnewlines 12345 café 😀",
+            &[216, 5600, 197, 397, 198, 2241, 5110, 216, 33, 34, 35, 36, 37, 37366, 40303, 218],
+        ),
     ];
     for (text, ids) in cases {
         assert_eq!(&tok.encode(text).unwrap(), ids, "{text:?}");
         assert_eq!(&tok.encode_plain(text).unwrap(), ids, "{text:?}");
-        assert_eq!(&tok.decode(&tok.encode(text).unwrap()).unwrap().replace("<|im_start|>", "").replace("<|im_end|>", ""),
-            &text.replace("<|im_start|>", "").replace("<|im_end|>", ""));
+        assert_eq!(
+            &tok.decode(&tok.encode(text).unwrap()).unwrap().replace("<|im_start|>", "").replace("<|im_end|>", ""),
+            &text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        );
     }
 }

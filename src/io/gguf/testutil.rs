@@ -64,7 +64,13 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
 }
 
 /// Writes a GGUF file; tensor data is laid out in order, each start padded to `alignment`.
-pub(crate) fn write_gguf(path: &Path, version: u32, alignment: u64, meta: &[(&str, GgufValue)], tensors: &[TestTensor]) {
+pub(crate) fn write_gguf(
+    path: &Path,
+    version: u32,
+    alignment: u64,
+    meta: &[(&str, GgufValue)],
+    tensors: &[TestTensor],
+) {
     let pad = |n: usize| (n as u64).div_ceil(alignment) * alignment;
     let mut out = Vec::new();
     out.extend(b"GGUF");

@@ -51,7 +51,8 @@ fn tiny_gguf_to_hf_dir_round_trips() {
         assert_eq!((cfg["model_type"].as_str(), cfg["torch_dtype"].as_str()), (Some("llama"), Some("float32")));
         assert_eq!(cfg["tie_word_embeddings"], json!(tied));
         assert!(cfg.as_object().unwrap().values().all(|v| !v.is_null()));
-        let tc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        let tc: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
         assert_eq!((tc["bos_token"].as_str(), tc["eos_token"].as_str()), (Some("<|im_start|>"), Some("<|im_end|>")));
 
         // Refuses to replace output unless asked.
@@ -89,7 +90,8 @@ fn sharded_dirs_and_missing_files() {
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
     for (shard, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
-        let ts: Vec<(&str, &candle_core::Tensor)> = part.iter().map(|n| (n.as_str(), model.weights.get(n).unwrap())).collect();
+        let ts: Vec<(&str, &candle_core::Tensor)> =
+            part.iter().map(|n| (n.as_str(), model.weights.get(n).unwrap())).collect();
         crate::io::weights::save_tensors(ts.into_iter(), &dir.join(shard), None).unwrap();
         for n in part {
             map.insert(n.to_string(), json!(shard));
@@ -106,8 +108,13 @@ fn sharded_dirs_and_missing_files() {
     assert!(e.contains("safetensors"), "{e}");
     // No tokenizer.json: the model still loads, without a tokenizer.
     let bare = d.path().join("bare");
-    write_hf_dir(&LoadedModel { tokenizer: None, ..load_model(gguf_path.to_str().unwrap()).unwrap() }, &model.weights, &bare, false)
-        .unwrap();
+    write_hf_dir(
+        &LoadedModel { tokenizer: None, ..load_model(gguf_path.to_str().unwrap()).unwrap() },
+        &model.weights,
+        &bare,
+        false,
+    )
+    .unwrap();
     assert!(load_model(bare.to_str().unwrap()).unwrap().tokenizer.is_none());
     // A missing path names itself.
     let missing = d.path().join("nope");
@@ -142,8 +149,17 @@ fn fake_snapshot(root: &Path, id: &str, rev: &str, model: &LoadedModel) -> PathB
 
 #[test]
 fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
-    for (s, ok) in [("org/name", true), ("HuggingFaceTB/SmolLM2-135M-Instruct", true), ("a/b.c_d-1", true),
-        ("name", false), ("/abs/path", false), ("org/", false), ("../x", false), ("a/b/c", false), ("a/..b", false)] {
+    for (s, ok) in [
+        ("org/name", true),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", true),
+        ("a/b.c_d-1", true),
+        ("name", false),
+        ("/abs/path", false),
+        ("org/", false),
+        ("../x", false),
+        ("a/b/c", false),
+        ("a/..b", false),
+    ] {
         assert_eq!(is_hub_id(s), ok, "{s}");
     }
     let d = tempfile::tempdir().unwrap();
@@ -176,7 +192,10 @@ fn hub_ids_resolve_from_the_cache_and_fail_clearly_offline() {
     assert_eq!(resolve_hub_cache("org/partial", &root), None);
     for id in ["org/missing", "org/partial"] {
         let e = load_model_from(id, &root, false).err().unwrap().to_string();
-        assert!(e.contains(&format!("could not download {id} (offline?); pass a local directory or .gguf file")), "{e}");
+        assert!(
+            e.contains(&format!("could not download {id} (offline?); pass a local directory or .gguf file")),
+            "{e}"
+        );
     }
 }
 
