@@ -23,14 +23,13 @@ mod tests {
         let mut wt = vec![0f32; n * k];
         for j in 0..n { for kk in 0..k { wt[kk * n + j] = w[j * k + kk]; } }
         let mut out = vec![0f32; m * n];
+        let xm = faer::MatRef::from_row_major_slice(&x, m, k);
+        let wm = faer::MatRef::from_row_major_slice(&w, n, k);
+        let mut om = faer::Mat::<f32>::zeros(m, n);
         for rep in 0..2 {
         time("gemm x·wᵀ rayon(2)", 10, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k); Ok(()) });
         time("gemm x·wt (row-major rhs) rayon(2)", 10, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &wt, n, 1); Ok(()) });
         time("gemm x·wᵀ single thread", 5, || { unsafe { gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None); } Ok(()) });
-        let xm = faer::MatRef::from_row_major_slice(&x, m, k);
-        let wm = faer::MatRef::from_row_major_slice(&w, n, k);
-        let mut om = faer::Mat::<f32>::zeros(m, n);
-        let _ = &mut om;
         time("faer x·wᵀ rayon(2)", 10, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::rayon(2)); Ok(()) });
         let _ = rep;
         }
