@@ -16,32 +16,15 @@ mod tests {
 
     #[test]
     #[ignore]
-    fn bench_gemm() {
-        let (m, k, n) = (1024usize, 576usize, 1536usize);
-        let x = crate::rng::Rng::new(1).uniform_vec(m * k, -1.0, 1.0);
-        let w = crate::rng::Rng::new(2).uniform_vec(n * k, -1.0, 1.0);
-        let mut wt = vec![0f32; n * k];
-        for j in 0..n { for kk in 0..k { wt[kk * n + j] = w[j * k + kk]; } }
-        let mut out = vec![0f32; m * n];
-        let xm = faer::MatRef::from_row_major_slice(&x, m, k);
-        let wm = faer::MatRef::from_row_major_slice(&w, n, k);
-        let mut om = faer::Mat::<f32>::zeros(m, n);
-        for rep in 0..2 {
-        time("gemm x·wᵀ rayon(2)", 10, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k); Ok(()) });
-        time("gemm x·wt (row-major rhs) rayon(2)", 10, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &wt, n, 1); Ok(()) });
-        time("gemm x·wᵀ single thread", 5, || { unsafe { gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None); } Ok(()) });
-        time("faer x·wᵀ rayon(2)", 10, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::rayon(2)); Ok(()) });
-        let _ = rep;
-        }
-        crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k);
-        let mut md = 0f32;
-        for i in 0..m { for j in 0..n { md = md.max((om[(i, j)] - out[i * n + j]).abs()); } }
-        println!("faer vs gemm max diff {md}");
-        for _ in 0..3 {
-        time("gemm x·wᵀ rayon(2)", 30, || { crate::ops::cpu::gemm_f32(m, n, k, &mut out, &x, k, 1, &w, 1, k); Ok(()) });
-        time("faer x·wᵀ rayon(2)", 30, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::rayon(2)); Ok(()) });
-        time("faer x·wᵀ seq", 10, || { faer::linalg::matmul::matmul(om.as_mut(), faer::Accum::Replace, xm, wm.transpose(), 1.0f32, faer::Par::Seq); Ok(()) });
-        time("faer dy·w rayon(2)", 30, || { let dy = faer::MatRef::from_row_major_slice(&out, m, n); let mut dx = faer::Mat::<f32>::zeros(m, k); faer::linalg::matmul::matmul(dx.as_mut(), faer::Accum::Replace, dy, wm, 1.0f32, faer::Par::rayon(2)); Ok(()) });
+    fn bench_attn() {
+        let q = Var::from_tensor(&randn(&[4, 9, 256, 64], 1).unwrap()).unwrap();
+        let k = Var::from_tensor(&randn(&[4, 3, 256, 64], 2).unwrap()).unwrap();
+        let v = Var::from_tensor(&randn(&[4, 3, 256, 64], 3).unwrap()).unwrap();
+        for _ in 0..2 {
+        time("attention fwd", 5, || { causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), None, 0)?; Ok(()) });
+        time("reference attention fwd", 5, || { reference::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), None, 0)?; Ok(()) });
+        time("attention fwd+bwd", 5, || { causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), None, 0)?.sum_all()?.backward()?; Ok(()) });
+        time("reference attention fwd+bwd", 5, || { reference::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), None, 0)?.sum_all()?.backward()?; Ok(()) });
         }
     }
 

@@ -155,7 +155,7 @@ mod tests {
 
     fn check(name: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], wrt: &[usize]) -> Result<()> {
         let rep = finite_difference_check(name, f, inputs, wrt, 1e-2)?;
-        rep.assert_within(2e-3);
+        rep.assert_within(5e-4);
         Ok(())
     }
 
@@ -166,13 +166,13 @@ mod tests {
         let b = randn(&[4, 6], 2)?;
         let row = randn(&[6], 3)?;
         let ids = Tensor::new(&[2u32, 0, 2, 3], &dev)?;
-        check("silu", |t| Ok(t[0].silu()?), &[a.clone()], &[0])?;
-        check("exp", |t| Ok(t[0].exp()?), &[a.clone()], &[0])?;
+        check("silu", |t| Ok(t[0].silu()?), std::slice::from_ref(&a), &[0])?;
+        check("exp", |t| Ok(t[0].exp()?), std::slice::from_ref(&a), &[0])?;
         // embedding lookup = index_select on rows; repeated ids must accumulate.
-        check("index_select", |t| Ok(t[0].index_select(&ids, 0)?), &[a.clone()], &[0])?;
+        check("index_select", |t| Ok(t[0].index_select(&ids, 0)?), std::slice::from_ref(&a), &[0])?;
         let gidx = Tensor::new(&[[1u32, 0], [5, 5], [2, 3], [0, 0]], &dev)?;
-        check("gather", |t| Ok(t[0].gather(&gidx, D::Minus1)?), &[a.clone()], &[0])?;
-        check("narrow", |t| Ok(t[0].narrow(1, 2, 3)?), &[a.clone()], &[0])?;
+        check("gather", |t| Ok(t[0].gather(&gidx, D::Minus1)?), std::slice::from_ref(&a), &[0])?;
+        check("narrow", |t| Ok(t[0].narrow(1, 2, 3)?), std::slice::from_ref(&a), &[0])?;
         check(
             "cat",
             |t| Ok(Tensor::cat(&[&t[0], &t[1]], 1)?),
@@ -182,7 +182,7 @@ mod tests {
         check(
             "transpose+contiguous",
             |t| Ok(t[0].t()?.contiguous()?),
-            &[a.clone()],
+            std::slice::from_ref(&a),
             &[0],
         )?;
         check(
@@ -197,7 +197,7 @@ mod tests {
             &[a.clone(), row.clone()],
             &[0, 1],
         )?;
-        check("broadcast_as", |t| Ok(t[0].broadcast_as((3, 6))?), &[row.clone()], &[0])?;
+        check("broadcast_as", |t| Ok(t[0].broadcast_as((3, 6))?), std::slice::from_ref(&row), &[0])?;
         check(
             "matmul",
             |t| Ok(t[0].matmul(&t[1].t()?)?),

@@ -250,7 +250,7 @@ mod tests {
             &[0],
             1e-2,
         )?;
-        rep.assert_within(2e-3);
+        rep.assert_within(5e-4);
         Ok(())
     }
 }

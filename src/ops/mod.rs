@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 
+mod attention;
 mod cpu;
 mod elementwise;
 pub mod gradcheck;
@@ -19,6 +20,7 @@ mod rope;
 mod softmax;
 mod bench_tmp;
 
+pub use attention::causal_attention;
 pub use elementwise::{dropout, silu_mul};
 
 /// Label value that is excluded from the loss (Hugging Face convention).
@@ -113,5 +115,35 @@ pub mod reference {
         let picked = logp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?;
         let total = (picked * valid)?.sum_all()?.neg()?;
         Ok((total / (count.max(1.0) as f64))?)
+    }
+
+    /// Materialises the (b, h, t, s) scores. Masked logits get a -1e9 bias; multiplying the
+    /// probabilities by the 0/1 mask afterwards zeroes rows that see no key at all.
+    pub fn causal_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_mask: Option<&Tensor>,
+        q_offset: usize,
+    ) -> Result<Tensor> {
+        let (b, h, t, d) = q.dims4()?;
+        let (_, kvh, s, _) = k.dims4()?;
+        let rep = h / kvh;
+        // (b, kvh, s, d) -> (b, kvh, rep, s, d) -> (b, h, s, d)
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.unsqueeze(2)?.broadcast_as((b, kvh, rep, s, d))?.reshape((b, h, s, d))?)
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, h, t, s)
+        let causal: Vec<f32> =
+            (0..t).flat_map(|i| (0..s).map(move |j| if j <= q_offset + i { 1.0 } else { 0.0 })).collect();
+        let mut allowed = Tensor::from_vec(causal, (1, 1, t, s), q.device())?; // (1, 1, t, s)
+        if let Some(m) = key_mask {
+            // (b, s) -> (b, 1, 1, s)
+            allowed = allowed.broadcast_mul(&m.to_dtype(DType::F32)?.reshape((b, 1, 1, s))?)?;
+        }
+        let bias = ((&allowed - 1.0)? * 1e9)?;
+        let p = softmax_last_dim(&scores.broadcast_add(&bias)?)?.broadcast_mul(&allowed)?;
+        Ok(p.matmul(&v)?)
     }
 }

@@ -62,7 +62,7 @@ impl CustomOp3 for Rope {
         let batched = l2.dims().len() == 3;
         // Rows of x are addressed as start + bi*s0 + hi*s1 + ti*s2 (unit stride inside a row).
         let st = l1.stride();
-        let (x, start, s0, s1, s2): (Cow<[f32]>, usize, usize, usize, usize) = if st[3] == 1 || d <= 1 {
+        let (x, start, s0, s1, s2): (Cow<[f32]>, usize, usize, usize, usize) = if st[3] == 1 {
             (
                 Cow::Borrowed(f32_storage(s1, "rope")?),
                 l1.start_offset(),
@@ -186,7 +186,7 @@ mod tests {
         let x = randn(&[1, 2, 4, 6], 25)?;
         let (c, s) = tables(Some(1), 4, 6)?;
         let rep = finite_difference_check("rope", |t: &[Tensor]| rope(&t[0], &c, &s), &[x], &[0], 1e-2)?;
-        rep.assert_within(2e-3);
+        rep.assert_within(5e-4);
         Ok(())
     }
 
