@@ -9,10 +9,12 @@ pub mod adapters;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod models;
 pub mod ops;
 pub mod rng;
+pub mod runtime;
 pub mod train;
 pub mod tsd;
 

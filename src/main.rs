@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    lora_dash::runtime::init();
     let cli = lora_dash::cli::Cli::parse();
     if let Err(e) = lora_dash::cli::run(cli) {
         eprintln!("error: {e}");

@@ -2,6 +2,7 @@
 //! [`Adapter`]; the linear layer only asks it for its additive term.
 
 pub mod dash;
+pub mod full;
 pub mod lora;
 pub mod target;
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::models::Ctx;
 pub use dash::DashLayer;
+pub use full::FullDelta;
 pub use lora::{lora_scale, LoraLayer};
 pub use target::TargetModules;
 
@@ -59,6 +61,8 @@ impl LoraConfig {
 pub enum Adapter {
     Lora(LoraLayer),
     Dash(DashLayer),
+    /// Full fine-tuning: a dense trainable ΔW.
+    Full(FullDelta),
 }
 
 impl Adapter {
@@ -77,6 +81,7 @@ impl Adapter {
                 }
                 Ok((lora + d.dash_forward(x)?)?)
             }
+            Adapter::Full(f) => f.delta_forward(x),
         }
     }
 
@@ -96,6 +101,7 @@ impl Adapter {
                 }
                 v
             }
+            Adapter::Full(f) => vec![("delta.weight", f.delta.clone())],
         }
     }
 
@@ -104,14 +110,16 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => l.delta_weight(),
             Adapter::Dash(d) => d.delta_weight(),
+            Adapter::Full(f) => f.delta_weight(),
         }
     }
 
-    /// The LoRA factors (of the LoRA part, for Dash).
+    /// The LoRA factors (of the LoRA part, for Dash); None for full fine-tuning.
     pub fn as_lora(&self) -> Option<&LoraLayer> {
         match self {
             Adapter::Lora(l) => Some(l),
             Adapter::Dash(d) => Some(&d.lora),
+            Adapter::Full(_) => None,
         }
     }
 

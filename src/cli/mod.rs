@@ -1,7 +1,9 @@
 //! Command-line front end: argument parsing and the plan each subcommand runs. `main` only
 //! prints the error chain and picks the exit code.
 
+pub mod analyze_cmd;
 pub mod commands;
+pub mod eval_cmd;
 pub mod train_args;
 
 use std::path::PathBuf;
@@ -51,6 +53,10 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         skip: usize,
     },
+    /// Accuracy on commonsense test files (generate or likelihood protocol).
+    Eval(eval_cmd::EvalArgs),
+    /// Task-specific-direction study of an adapter or a fine-tuned model against its base.
+    Analyze(analyze_cmd::AnalyzeArgs),
     /// Greedy generation with a KV cache, for quick checks.
     Generate {
         #[arg(long)]
@@ -70,6 +76,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> crate::Result<()> {
     match cli.command {
         Command::Train(args) => commands::train(args),
+        Command::Analyze(args) => analyze_cmd::run(&args).map(|_| ()),
+        Command::Eval(args) => eval_cmd::eval(args),
         Command::Bench { args, skip } => commands::bench(args, skip),
         Command::Convert { model, out, overwrite } => commands::convert(&model, &out, overwrite),
         Command::Merge {

@@ -27,7 +27,7 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Fine-tuning method: lora or dash.
+    /// Fine-tuning method: lora, dash or full (target modules choose the trained weights).
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA-Dash pre-launch length t, in optimizer steps.
@@ -157,7 +157,13 @@ impl TrainArgs {
                     freeze_ab: a.dash_freeze_ab.unwrap_or(d.freeze_ab),
                 })
             }
-            m => return Err(Error::config("method", format!("unknown method `{m}` (expected lora or dash)"))),
+            "full" => {
+                if a.dash_t.is_some() || a.dash_s.is_some() || a.dash_freeze_ab.is_some() {
+                    return Err(Error::config("method", "dash_t / dash_s / dash_freeze_ab need --method dash"));
+                }
+                Method::Full
+            }
+            m => return Err(Error::config("method", format!("unknown method `{m}` (expected lora, dash or full)"))),
         };
         let schedule = match a.schedule.as_deref().unwrap_or("linear") {
             "linear" => ScheduleKind::Linear,

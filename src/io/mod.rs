@@ -38,5 +38,6 @@ pub struct LoadedModel {
 /// Loads `spec`: a Hugging Face model directory, a `.gguf` file, or a hub id `org/name`
 /// (looked up in the Hugging Face cache, downloaded when the network allows).
 pub fn load_model(spec: &str) -> crate::Result<LoadedModel> {
+    crate::runtime::init();
     hf::load_model(spec)
 }

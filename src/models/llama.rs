@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use crate::adapters::{Adapter, LoraConfig, LoraLayer};
+use crate::adapters::{Adapter, FullDelta, LoraConfig, LoraLayer, TargetModules};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::models::config::LlamaConfig;
@@ -162,6 +162,31 @@ impl Llama {
         Ok(done)
     }
 
+    /// Makes every matching linear layer fully trainable, as a dense update ΔW = 0 on top
+    /// of the frozen weight. Returns the adapted paths.
+    pub fn inject_full(&mut self, targets: &TargetModules) -> Result<Vec<String>> {
+        let m = targets.matcher()?;
+        let tied = self.cfg.tie_word_embeddings;
+        let mut done = Vec::new();
+        for l in self.linears_mut() {
+            if m.matches(&l.path) {
+                if l.path == "lm_head" && tied {
+                    // The merged model could not hold a head that differs from the embeddings.
+                    return Err(Error::config("target_modules", "lm_head is tied to the embeddings and cannot be fully fine-tuned"));
+                }
+                l.adapter = Some(Adapter::Full(FullDelta::zeros(l.in_dim(), l.out_dim())?));
+                done.push(l.path.clone());
+            }
+        }
+        if done.is_empty() {
+            return Err(Error::NoTargetMatch {
+                spec: targets.describe(),
+                example: self.linears().next().map(|l| l.path.clone()).unwrap_or_default(),
+            });
+        }
+        Ok(done)
+    }
+
     /// Every trainable tensor, named `<module path>.<adapter tensor>`.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         self.linears().flat_map(|l| l.vars()).collect()
@@ -220,7 +245,15 @@ impl Llama {
             None => (0..b).flat_map(|_| (past as u32)..(s as u32)).collect(),
         };
         let (cos, sin) = self.rope_tables(&pos, b, t, &dev)?; // (b, t, d/2)
-        let mask = causal_mask(b, t, past, attention_mask, &dev)?; // (b, 1, t, s)
+        if let Some(m) = attention_mask {
+            if m.dims() != [b, s] {
+                return Err(Error::ShapeMismatch {
+                    name: "attention_mask".into(),
+                    expected: vec![b, s],
+                    got: m.dims().to_vec(),
+                });
+            }
+        }
 
         let ids = input_ids.flatten_all()?;
         let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
@@ -232,12 +265,12 @@ impl Llama {
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = ops::rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = self.attention(&blk.attn, &h, &cos, &sin, &mask, layer_cache, ctx)?;
+            let a = self.attention(&blk.attn, &h, &cos, &sin, attention_mask, layer_cache, ctx)?;
             x = (x + a)?;
             let h = ops::rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps)?;
             let gate = blk.mlp.gate.forward(&h, ctx)?;
             let up = blk.mlp.up.forward(&h, ctx)?;
-            let m = blk.mlp.down.forward(&(gate.silu()? * up)?, ctx)?;
+            let m = blk.mlp.down.forward(&ops::silu_mul(&gate, &up)?, ctx)?;
             x = (x + m)?;
         }
         ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
@@ -268,13 +301,12 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        key_mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
         let (b, t, _e) = x.dims3()?;
         let (h, g, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let r = h / g;
         let q = a.q.forward(x, ctx)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (b, h, t, d)
         let k = a.k.forward(x, ctx)?.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
         let v = a.v.forward(x, ctx)?.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
@@ -288,14 +320,9 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let s = k.dims()[2];
-        // Query heads sharing a key/value head are stacked along the row axis so each
-        // group is one matmul and K/V are never repeated.
-        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, g, r * t, d))?; // (b, g, r·t, d)
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?; // (b, h, t, s)
-        let scores = scores.broadcast_add(mask)?;
-        let p = ops::softmax_last_dim(&scores)?.reshape((b, g, r * t, s))?;
-        let y = p.matmul(&v)?.reshape((b, h, t, d))?; // (b, h, t, d)
+        let past = k.dims()[2] - t;
+        // Fused attention: recomputes scores in backward instead of storing (b, h, t, s).
+        let y = ops::causal_attention(&q, &k, &v, key_mask, past)?; // (b, h, t, d)
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (b, t, h·d)
         a.o.forward(&y, ctx)
     }
@@ -317,40 +344,6 @@ impl Llama {
         }
         Ok((Tensor::from_vec(cos, (b, t, half), dev)?, Tensor::from_vec(sin, (b, t, half), dev)?))
     }
-}
-
-/// Additive mask (b, 1, t, s): 0 where query i (at cache index past+i) may attend key j,
-/// the most negative f32 elsewhere (as transformers, so fully masked rows stay finite).
-fn causal_mask(b: usize, t: usize, past: usize, attention_mask: Option<&Tensor>, dev: &Device) -> Result<Tensor> {
-    let s = past + t;
-    let keep: Option<Vec<f32>> = match attention_mask {
-        Some(m) => {
-            let m = m.to_dtype(DType::F32)?;
-            if m.dims() != [b, s] {
-                return Err(Error::ShapeMismatch {
-                    name: "attention_mask".into(),
-                    expected: vec![b, s],
-                    got: m.dims().to_vec(),
-                });
-            }
-            Some(m.flatten_all()?.to_vec1()?)
-        }
-        None => None,
-    };
-    let neg = f32::MIN;
-    let mut out = vec![0f32; b * t * s];
-    for bi in 0..b {
-        for i in 0..t {
-            let row = &mut out[(bi * t + i) * s..(bi * t + i + 1) * s];
-            for (j, v) in row.iter_mut().enumerate() {
-                let allowed = j <= past + i && keep.as_ref().map(|k| k[bi * s + j] > 0.5).unwrap_or(true);
-                if !allowed {
-                    *v = neg;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(out, (b, 1, t, s), dev)?)
 }
 
 /// Index of the largest value per row of (n, v) logits.

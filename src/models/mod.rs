@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod linear;
+pub mod beam;
 pub mod generate;
 pub mod llama;
 

@@ -18,6 +18,9 @@ pub enum Method {
     /// LoRA-Dash: LoRA for `t` optimizer steps (pre-launch), then per adapted layer the
     /// `s` task-specific directions get a trainable coefficient each (dash).
     Dash(DashConfig),
+    /// Full fine-tuning of the target modules' weights (trained as a dense ΔW on the frozen
+    /// W; see `adapters::full`).
+    Full,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +44,7 @@ impl Method {
         match self {
             Method::Lora => "lora",
             Method::Dash(_) => "dash",
+            Method::Full => "full",
         }
     }
 

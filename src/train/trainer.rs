@@ -15,7 +15,7 @@ use crate::io::{self, atomic, TextTokenizer, Weights};
 use crate::models::{Ctx, Llama};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
-use crate::train::config::TrainConfig;
+use crate::train::config::{Method, TrainConfig};
 use crate::io::atomic::StagedDir;
 use crate::train::dash::{DashRuntime, DashState};
 use crate::train::metrics::{read_records, MetricRecord, MetricsLog};
@@ -30,6 +30,8 @@ pub const CONFIG_FILE: &str = "run_config.json";
 pub const SWITCH_DIR: &str = "switch";
 /// LoRA-Dash: the rank-(r+s) PEFT export.
 pub const EXPORT_DIR: &str = "peft";
+/// Full fine-tuning: the fine-tuned model as a Hugging Face directory.
+pub const FULL_MODEL_DIR: &str = "model";
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -67,6 +69,8 @@ pub struct Prepared {
     pub train: Vec<Example>,
     pub val: Vec<Example>,
     pub adapted: Vec<String>,
+    /// The base's config and tokenizer (no weights), to write a full fine-tune out.
+    pub source: io::LoadedModel,
 }
 
 /// Loads the model, attaches the adapters, reads and tokenises the data.
@@ -79,8 +83,11 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         .ok_or_else(|| Error::format(&loaded.path, "no tokenizer found (tokenizer.json or GGUF tokenizer metadata is required to train)"))?;
     let mcfg = loaded.config.resolve()?;
     let mut model = Llama::load(&mcfg, &loaded.weights)?;
-    drop(loaded);
-    let adapted = model.inject_lora(&cfg.lora, cfg.seed)?;
+    let source = io::LoadedModel { weights: Weights::new(None), ..loaded };
+    let adapted = match cfg.method {
+        Method::Full => model.inject_full(&cfg.lora.target_modules)?,
+        _ => model.inject_lora(&cfg.lora, cfg.seed)?,
+    };
 
     let records = load_records(&cfg.data)?;
     let mut examples = Vec::with_capacity(records.len());
@@ -100,6 +107,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         train,
         val,
         adapted,
+        source,
     })
 }
 
@@ -134,7 +142,7 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
 
 fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkpoint>) -> Result<RunSummary> {
     let Prepared {
-        mut model, tokenizer, train, val, adapted,
+        mut model, tokenizer, train, val, adapted, source,
     } = prep;
     let pad_id = tokenizer.pad_or_eos();
     let total_steps = cfg.total_steps(train.len());
@@ -330,6 +338,9 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
             let staged = StagedDir::new(&cfg.out.join(EXPORT_DIR), true)?;
             crate::io::dash::save_peft_export(&model, &cfg.lora, rt.cfg.s, base, staged.path())?;
             staged.commit()?;
+        }
+        None if cfg.method == Method::Full => {
+            io::hf::write_hf_dir(&source, &model.base_weights(true)?, &cfg.out.join(FULL_MODEL_DIR), true)?;
         }
         None => io::peft::save_lora(&model, &cfg.lora, base, &cfg.out)?,
     }

@@ -1,5 +1,7 @@
 //! Task-specific directions: SVD of frozen weights (cached, in the background), change
-//! rates of core directions, selection.
+//! rates of core directions, selection, and the TSD study (`analysis`, `plots`).
 
+pub mod analysis;
+pub mod plots;
 pub mod select;
 pub mod svd;
