@@ -9,6 +9,7 @@ use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -32,13 +33,26 @@ pub struct HeatRow<'a> {
 
 const PALETTE: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
 
-/// `model.layers.3.self_attn.q_proj` → `3.q_proj`.
+/// `model.layers.3.self_attn.q_proj` → `3.q`.
 pub fn short_name(layer: &str) -> String {
     let parts: Vec<&str> = layer.split('.').collect();
     match parts.iter().position(|p| *p == "layers") {
-        Some(i) if i + 1 < parts.len() => format!("{}.{}", parts[i + 1], parts.last().copied().unwrap_or("")),
+        Some(i) if i + 1 < parts.len() => {
+            let last = parts.last().copied().unwrap_or("");
+            format!("{}.{}", parts[i + 1], last.strip_suffix("_proj").unwrap_or(last))
+        }
         _ => layer.to_string(),
     }
+}
+
+/// Every `step`-th name, drawn at absolute pixel positions `at(i)` on `canvas` (whose origin
+/// is the bitmap's), anchored by `pos`.
+fn draw_names(canvas: &Area<'_>, names: &[String], step: usize, pos: Pos, at: impl Fn(usize) -> (i32, i32)) -> Drawn {
+    let style = TextStyle::from(("sans-serif", 11).into_font()).color(&BLACK).pos(pos);
+    for (i, n) in names.iter().enumerate().step_by(step.max(1)) {
+        canvas.draw(&Text::new(n.clone(), at(i), style.clone()))?;
+    }
+    Ok(())
 }
 
 fn render(path: &Path, size: (u32, u32), draw: impl Fn(&Area<'_>, bool) -> Drawn) -> Result<()> {
@@ -80,6 +94,7 @@ pub fn plot_delta_spectrum(path: &Path, layer: &str, series: &[SpectrumSeries<'_
             chart
                 .configure_mesh()
                 .x_desc("singular-value index i (descending σ)")
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_desc("δ_i = |u_iᵀ ΔW v_i| / σ_i")
                 .y_label_formatter(&|y| format!("{y:.0e}"))
                 .light_line_style(BLACK.mix(0.04))
@@ -139,6 +154,7 @@ pub fn plot_tsd_heatmap(path: &Path, title: &str, rows: &[HeatRow<'_>], bins: us
     let height = (12 * n as u32 + 160).clamp(400, 2400);
     let names: Vec<String> = rows.iter().map(|r| short_name(r.layer)).collect();
     render(path, (1400, height), |root, text| {
+        let canvas = root;
         let root = if text { root.titled(title, ("sans-serif", 24))? } else { root.clone() };
         let (left, right) = root.split_horizontally(700);
         let panels = [(&left, &counts, cmax, "TSD per spectrum slice"), (&right, &mass, mmax, "share of Σδ per spectrum slice")];
@@ -153,13 +169,16 @@ pub fn plot_tsd_heatmap(path: &Path, title: &str, rows: &[HeatRow<'_>], bins: us
                 chart
                     .configure_mesh()
                     .disable_mesh()
+                    .disable_y_axis()
                     .x_desc("position i/k in W's spectrum (0 = largest σ)")
-                    .y_labels(n.min(40))
-                    .y_label_formatter(&|y| {
-                        let i = y.floor() as usize;
-                        if (y - y.floor()).abs() < 1e-9 && i < names.len() { names[i].clone() } else { String::new() }
-                    })
                     .draw()?;
+                // One label per row while rows are tall enough to read, else every few rows.
+                let row_px = (chart.backend_coord(&(0.0, 1.0)).1 - chart.backend_coord(&(0.0, 0.0)).1).max(1);
+                let step = (12 / row_px).max(1) as usize;
+                draw_names(canvas, &names, step, Pos::new(HPos::Right, VPos::Center), |i| {
+                    let (x, y) = chart.backend_coord(&(0.0, i as f64 + 0.5));
+                    (x - 6, y)
+                })?;
             }
             chart.draw_series(grid.iter().enumerate().flat_map(|(r, row)| {
                 row.iter().enumerate().map(move |(c, &v)| {
@@ -191,14 +210,17 @@ pub fn plot_overlap(path: &Path, layers: &[String], overlap: &[f64], spearman: &
         if text {
             chart
                 .configure_mesh()
-                .x_labels(n.min(30))
-                .x_label_formatter(&|x| {
-                    let i = x.floor() as usize;
-                    if (x - x.floor()).abs() < 1e-9 && i < names.len() { names[i].clone() } else { String::new() }
-                })
+                .disable_x_mesh()
+                .x_labels(0)
                 .x_desc("layer")
                 .light_line_style(BLACK.mix(0.04))
                 .draw()?;
+            let bar_px = (chart.backend_coord(&(1.0, 0.0)).0 - chart.backend_coord(&(0.0, 0.0)).0).max(1);
+            let step = (48 / bar_px).max(1) as usize;
+            draw_names(root, &names, step, Pos::new(HPos::Center, VPos::Top), |i| {
+                let (x, y) = chart.backend_coord(&(i as f64 + 0.5, lo));
+                (x, y + 6)
+            })?;
         }
         let bars = chart.draw_series(
             overlap
