@@ -97,7 +97,9 @@ pub fn bench(mut args: TrainArgs, skip: usize) -> Result<()> {
     let timed: Vec<_> = recs.iter().filter(|r| r.step > skip).collect();
     let tokens: f64 = timed.iter().filter_map(|r| r.extra.get("tokens").and_then(|v| v.as_f64())).sum();
     let secs: f64 = timed.iter().filter_map(|r| r.extra.get("step_s").and_then(|v| v.as_f64())).sum();
+    let switch = recs.iter().find_map(|r| r.extra.get("dash_switch").cloned());
     let out = serde_json::json!({
+        "dash_switch": switch,
         "method": cfg.method.name(),
         "steps_timed": timed.len(),
         "tokens_per_s": tokens / secs,

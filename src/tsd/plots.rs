@@ -206,7 +206,8 @@ pub fn plot_overlap(path: &Path, layers: &[String], overlap: &[f64], spearman: &
                 .x_label_area_size(60)
                 .y_label_area_size(60);
         }
-        let mut chart = b.build_cartesian_2d(0f64..n as f64, lo..1.05f64)?;
+        // Headroom above 1 keeps the legend off the bars.
+        let mut chart = b.build_cartesian_2d(0f64..n as f64, lo..1.3f64)?;
         if text {
             chart
                 .configure_mesh()
