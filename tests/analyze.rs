@@ -191,7 +191,7 @@ fn cli_writes_json_csv_spectra_and_plots() {
     assert_eq!(res.unmatched_layers.len(), 8);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
     assert_eq!(json["layers"].as_array().unwrap().len(), 6);
-    for key in ["mean_overlap", "mean_jaccard", "mean_spearman", "chance_overlap"] {
+    for key in ["mean_overlap", "mean_jaccard", "mean_spearman", "mean_spearman_projection", "chance_overlap"] {
         assert!(json["summary"][key].is_number(), "{key}: {}", json["summary"]);
     }
     let csv = std::fs::read_to_string(out.join("layers.csv")).unwrap();
@@ -237,6 +237,8 @@ fn a_source_agrees_perfectly_with_itself() {
     assert_eq!(s.mean_overlap, Some(1.0));
     assert_eq!(s.mean_jaccard, Some(1.0));
     assert!((s.mean_spearman.unwrap() - 1.0).abs() < 1e-12);
+    assert!((s.mean_spearman_projection.unwrap() - 1.0).abs() < 1e-12);
+    assert_eq!(s.source.mean_null_overlap, s.compare.as_ref().unwrap().mean_null_overlap);
 }
 
 fn err_text(a: &AnalyzeArgs) -> String {

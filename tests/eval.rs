@@ -428,20 +428,33 @@ fn cli_rejects_bad_inputs_clearly() {
     assert!(!d.path().join("out").join("results.json").exists());
 }
 
-/// SmolLM2 on 8 ARC-Easy test questions in both modes (slow; `cargo test --test eval -- --ignored`).
+/// SmolLM2 on the first 8 ARC-Easy test questions in both modes against transformers
+/// (tests/golden/smollm2_eval_golden.json, from make_generate_golden.py --smollm2-dir):
+/// identical greedy responses, likelihood sums within 1e-3. Slow; run with `-- --ignored`.
 #[test]
 #[ignore]
-fn smollm2_arc_easy_smoke() {
+fn smollm2_arc_easy_matches_transformers() {
     let (Some(gguf), Some(data)) = (smollm2_gguf(), shared_data()) else {
         println!("skipped: SmolLM2 GGUF or ../shared/data not found");
         return;
     };
+    let want = read_json(&golden("smollm2_eval_golden.json"));
     let arc = data.join("commonsense/ARC-Easy/test.json");
     let d = tempfile::tempdir().unwrap();
     let base = ["--model", gguf.to_str().unwrap(), "--data", arc.to_str().unwrap(), "--limit", "8"];
     let g = check_run(&base, &d.path().join("g"), &[("ARC-Easy", 8)], "generate");
-    let l = check_run(&[base.as_slice(), &["--mode", "likelihood"]].concat(), &d.path().join("l"), &[("ARC-Easy", 8)], "likelihood");
-    // An instruction-tuned model answers in the asked format at least sometimes.
-    assert!(g.iter().any(|p| p["prediction"].is_string()));
-    assert_eq!(l.len(), 8);
+    for (p, w) in g.iter().zip(want["responses"].as_array().unwrap()) {
+        assert_eq!(&p["raw"], w, "record {}", p["index"]);
+    }
+    let l = check_run(&[base.as_slice(), &["--mode", "likelihood", "--limit", "4"]].concat(), &d.path().join("l"), &[("ARC-Easy", 4)], "likelihood");
+    let mut max_diff = 0f64;
+    for (p, w) in l.iter().zip(want["likelihood"].as_array().unwrap()) {
+        let (got, w) = (p["raw"].as_object().unwrap(), w.as_object().unwrap());
+        assert_eq!(got.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
+        for (k, v) in w {
+            max_diff = max_diff.max((v.as_f64().unwrap() - got[k].as_f64().unwrap()).abs());
+        }
+    }
+    println!("likelihood vs transformers: max |diff| = {max_diff:.3e}");
+    assert!(max_diff < 1e-3);
 }

@@ -137,16 +137,16 @@ fn join(idx: &[usize]) -> String {
 /// One row per layer; index lists are `;`-separated.
 pub fn layers_csv(a: &Analysis) -> String {
     let mut out = String::from(
-        "layer,out,in,k,tsd_indices,mean_percentile,mean_sigma_share_above,concentration,uniform_concentration,top_sigma_hits",
+        "layer,out,in,k,tsd_indices,mean_percentile,mean_sigma_share_above,concentration,uniform_concentration,top_sigma_hits,null_overlap",
     );
     if a.compare.is_some() {
-        out.push_str(",compare_tsd_indices,compare_mean_percentile,compare_concentration,overlap,jaccard,spearman");
+        out.push_str(",compare_tsd_indices,compare_mean_percentile,compare_concentration,overlap,jaccard,spearman,spearman_projection");
     }
     out.push('\n');
     for l in &a.layers {
         let s = &l.source;
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{}",
             l.layer,
             l.out_dim,
             l.in_dim,
@@ -156,17 +156,19 @@ pub fn layers_csv(a: &Analysis) -> String {
             fmt(s.mean_sigma_share_above),
             fmt(s.concentration),
             fmt(l.uniform_concentration),
-            s.top_sigma_hits
+            s.top_sigma_hits,
+            fmt(s.null_overlap)
         ));
         if let (Some(c), Some(g)) = (&l.compare, &l.agreement) {
             out.push_str(&format!(
-                ",{},{},{},{},{},{}",
+                ",{},{},{},{},{},{},{}",
                 join(&c.indices),
                 fmt(c.mean_percentile),
                 fmt(c.concentration),
                 fmt(g.overlap),
                 fmt(g.jaccard),
-                fmt(g.spearman)
+                fmt(g.spearman),
+                fmt(g.spearman_projection)
             ));
         }
         out.push('\n');
@@ -233,7 +235,8 @@ fn print_summary(a: &Analysis, out: &Path) {
     let s = &a.summary;
     println!(
         "{} layers, s = {}: TSD at mean spectrum percentile {:.1} (median {:.1}), {:.1}% of σ mass above them, \
-         {:.1}% of TSD among the top-{} σ; concentration Σ_TSD δ / Σ δ = {:.3} (uniform would be {:.3})",
+         {:.1}% of TSD among the top-{} σ; concentration Σ_TSD δ / Σ δ = {:.3} (uniform would be {:.3}); \
+         |TSD ∩ TSD of an isotropic random ΔW| / s = {:.3}",
         s.layers,
         a.s,
         s.source.mean_percentile,
@@ -242,17 +245,22 @@ fn print_summary(a: &Analysis, out: &Path) {
         100.0 * s.source.top_sigma_hit_rate,
         a.s,
         s.source.mean_concentration,
-        s.mean_uniform_concentration
+        s.mean_uniform_concentration,
+        s.source.mean_null_overlap
     );
     if let (Some(c), Some(o), Some(j), Some(r)) = (&s.compare, s.mean_overlap, s.mean_jaccard, s.mean_spearman) {
         println!(
-            "compare: TSD at mean percentile {:.1}, concentration {:.3}; |∩|/s = {:.3} (chance {:.3}), Jaccard {:.3}, Spearman ρ {:.3}",
+            "compare: TSD at mean percentile {:.1}, concentration {:.3}; |∩|/s = {:.3} (chance s/k {:.3}, \
+             isotropic-ΔW baseline {:.3} / {:.3}), Jaccard {:.3}, Spearman ρ of δ {:.3}, of |uᵀΔWv| {:.3}",
             c.mean_percentile,
             c.mean_concentration,
             o,
             s.chance_overlap.unwrap_or(f64::NAN),
+            s.source.mean_null_overlap,
+            c.mean_null_overlap,
             j,
-            r
+            r,
+            s.mean_spearman_projection.unwrap_or(f64::NAN)
         );
     }
     if !a.unmatched_layers.is_empty() {

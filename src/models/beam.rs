@@ -119,7 +119,8 @@ impl Hypotheses {
 fn top_k(scores: impl Iterator<Item = f32>, keep: usize) -> Vec<(f32, usize)> {
     let mut top: Vec<(f32, usize)> = Vec::with_capacity(keep + 1);
     for (i, s) in scores.enumerate() {
-        if top.len() == keep && !(s > top[keep - 1].0) {
+        // Only strictly better scores enter a full list (NaN never does).
+        if top.len() == keep && s.partial_cmp(&top[keep - 1].0) != Some(std::cmp::Ordering::Greater) {
             continue;
         }
         let at = top.iter().position(|&(ts, _)| s > ts).unwrap_or(top.len());

@@ -1,7 +1,9 @@
 //! A frozen linear layer with an optional adapter: y = x·Wᵀ (+ b) + adapter(x).
-//! The base weight never gets a gradient (see `ops::frozen_linear`).
+//! The base weight never gets a gradient (see `ops::frozen_linear`). A LoRA adapter (or
+//! the LoRA part of LoRA-Dash) on a bias-free layer runs fused with the base product in
+//! `ops::lora_linear`, which keeps one output buffer instead of five per layer.
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::adapters::Adapter;
 use crate::error::Result;
@@ -39,16 +41,45 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has rank >= 1");
         let x2 = x.reshape(((), in_dim))?; // (n, in)
-        let mut y = crate::ops::frozen_linear(&x2, &self.weight)?; // (n, out)
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(a) = &self.adapter {
-            y = (y + a.forward(&x2, ctx)?)?;
-        }
+        let y = match (&self.adapter, &self.bias) {
+            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_))), None) if cpu_f32(&[&x2, &self.weight]) => {
+                self.fused_lora_forward(&x2, a, ctx)?
+            }
+            _ => {
+                let mut y = crate::ops::frozen_linear(&x2, &self.weight)?; // (n, out)
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(a) = &self.adapter {
+                    y = (y + a.forward(&x2, ctx)?)?;
+                }
+                y
+            }
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim();
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ in one op, plus the dash term (on the undropped input) for
+    /// LoRA-Dash. `x` is (n, in).
+    fn fused_lora_forward(&self, x: &Tensor, adapter: &Adapter, ctx: &Ctx) -> Result<Tensor> {
+        let Some(lora) = adapter.as_lora() else {
+            return Err(crate::error::Error::msg(format!("{}: adapter has no LoRA factors", self.path)));
+        };
+        let dash = adapter.as_dash();
+        let (p, seed) = ctx.dropout_seed(lora.dropout);
+        let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+        // Frozen factors (LoRA-Dash with freeze_ab) are detached so the op skips dA and dB.
+        let (a, b) = match dash {
+            Some(d) if d.freeze_ab => (a.detach(), b.detach()),
+            _ => (a.clone(), b.clone()),
+        };
+        let y = crate::ops::lora_linear(x, &self.weight, &a, &b, lora.scale, p, seed)?; // (n, out)
+        match dash {
+            Some(d) if d.s() > 0 => Ok((y + d.dash_forward(x)?)?),
+            _ => Ok(y),
+        }
     }
 
     /// Trainable tensors with their full PEFT-style names (`<path>.lora_A.weight`).
@@ -66,4 +97,9 @@ impl Linear {
             None => Ok(self.weight.clone()),
         }
     }
+}
+
+/// True when every tensor is f32 on the CPU (what the fused kernels take).
+fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }

@@ -290,9 +290,22 @@ impl Llama {
     /// Mean next-token cross-entropy; `labels` (b, t) are already shifted (label of
     /// position i is the token at i+1, −100 where ignored).
     pub fn loss(&self, input_ids: &Tensor, attention_mask: &Tensor, labels: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let logits = self.forward(input_ids, Some(attention_mask), ctx)?; // (b, t, v)
-        let v = self.cfg.vocab_size;
-        ops::cross_entropy(&logits.reshape(((), v))?, &labels.flatten_all()?)
+        let h = self.forward_hidden(input_ids, Some(attention_mask), None, None, ctx)?; // (b, t, e)
+        self.loss_from_hidden(&h, labels, ctx)
+    }
+
+    /// Mean cross-entropy of the LM head's logits of `hidden` (.., e) against `labels`
+    /// (..). Without an adapter on the head the (n, v) logits are never materialised
+    /// (`ops::linear_cross_entropy` projects and scores rows in chunks).
+    pub fn loss_from_hidden(&self, hidden: &Tensor, labels: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let e = self.cfg.hidden_size;
+        let h = hidden.reshape(((), e))?; // (n, e)
+        let labels = labels.flatten_all()?; // (n,)
+        if self.lm_head.adapter.is_none() && self.lm_head.bias.is_none() {
+            return ops::linear_cross_entropy(&h, &self.lm_head.weight, &labels);
+        }
+        let logits = self.lm_head.forward(&h, ctx)?; // (n, v)
+        ops::cross_entropy(&logits, &labels)
     }
 
     fn attention(

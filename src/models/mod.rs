@@ -41,6 +41,16 @@ impl Ctx {
         self.rng.into_inner()
     }
 
+    /// Dropout probability and mask seed for one fused LoRA layer (`ops::lora_linear`):
+    /// `(p, a fresh seed)` in training mode, `(0, 0)` in eval mode or when `p == 0`, which
+    /// then consumes no randomness. One draw per layer call, so a restored `Rng` replays it.
+    pub fn dropout_seed(&self, p: f32) -> (f32, u64) {
+        if !self.train || p == 0.0 {
+            return (0.0, 0);
+        }
+        (p, self.rng.borrow_mut().next_u64())
+    }
+
     /// Inverted dropout in training mode, identity otherwise.
     pub fn dropout(&self, x: &Tensor, p: f32) -> Result<Tensor> {
         if !self.train || p == 0.0 {

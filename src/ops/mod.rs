@@ -20,6 +20,8 @@ mod cpu;
 mod elementwise;
 pub mod gradcheck;
 mod linear;
+mod linear_ce;
+mod lora_linear;
 mod loss;
 mod norm;
 mod rope;
@@ -27,6 +29,7 @@ mod softmax;
 
 pub use attention::causal_attention;
 pub use elementwise::{dropout, silu_mul};
+pub use lora_linear::dropout_mask as lora_dropout_mask;
 
 /// Label value that is excluded from the loss (Hugging Face convention).
 pub const IGNORE_INDEX: i64 = -100;
@@ -35,6 +38,30 @@ pub const IGNORE_INDEX: i64 = -100;
 /// gradient of `x` only: no weight-gradient GEMM, no weight-sized buffer.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     linear::frozen_linear(x, w)
+}
+
+/// `x (n, in) · wᵀ + scale · (drop(x) · aᵀ) · bᵀ`: a frozen linear layer plus its LoRA
+/// term in one op, `w (out, in)` frozen, `a (r, in)`, `b (out, r)`. `drop` is inverted
+/// dropout with probability `dropout_p` whose mask is a function of `seed`
+/// ([`lora_dropout_mask`]), regenerated in backward instead of stored.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_p: f32,
+    seed: u64,
+) -> Result<Tensor> {
+    lora_linear::lora_linear(x, w, a, b, scale, dropout_p, seed)
+}
+
+/// Mean cross-entropy of the logits `h (n, e) · wᵀ` (`w (v, e)` frozen) against `labels`
+/// (n,), without keeping the (n, v) logits: rows go through in chunks, and when `h` is
+/// tracked the forward also forms `d loss / d h` (n, e) from each chunk while it is at
+/// hand. Same semantics as `cross_entropy(frozen_linear(h, w), labels)`.
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    linear_ce::linear_cross_entropy(h, w, labels)
 }
 
 /// Root-mean-square norm over the last dim, times `w`.
@@ -66,6 +93,34 @@ pub mod reference {
 
     pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok(x.broadcast_matmul(&w.t()?)?)
+    }
+
+    /// `x ⊙ mask` with the seeded mask of [`lora_dropout_mask`]; `x` is (n, in).
+    pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        if p == 0.0 {
+            return Ok(x.clone());
+        }
+        let (n, k) = x.dims2()?;
+        let mask = Tensor::from_vec(lora_dropout_mask(n, k, p, seed), (n, k), x.device())?; // (n, in)
+        Ok(x.mul(&mask.to_dtype(x.dtype())?)?)
+    }
+
+    pub fn lora_linear(
+        x: &Tensor,
+        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout_p: f32,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let base = frozen_linear(x, &w.detach())?; // (n, out)
+        let xa = seeded_dropout(x, dropout_p, seed)?.matmul(&a.t()?)?; // (n, r)
+        Ok((base + (xa.matmul(&b.t()?)? * scale)?)?)
+    }
+
+    pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        cross_entropy(&frozen_linear(h, &w.detach())?, labels)
     }
 
     pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::models::config::LlamaConfig;
 use crate::models::Llama;
+use crate::rng::Rng;
 use crate::tsd::select::{change_rates, change_rates_dense, percentile, top_s};
 use crate::tsd::svd::{Svd, SvdCache};
 
@@ -127,6 +128,10 @@ pub struct TsdStats {
     pub concentration: f64,
     /// How many TSD are among the s largest singular directions.
     pub top_sigma_hits: usize,
+    /// Expected |TSD ∩ TSD of an isotropic Gaussian ΔW| / s. For such a ΔW the projections
+    /// u_iᵀ ΔW v_i are i.i.d. normal, so δ_i ∝ |z_i| / σ_i: this is the agreement that the
+    /// 1/σ_i in δ alone produces, a sharper chance level than s/k.
+    pub null_overlap: f64,
 }
 
 /// Agreement of two sources' TSD in one layer.
@@ -137,6 +142,9 @@ pub struct Agreement {
     pub jaccard: f64,
     /// Spearman rank correlation of the two full δ vectors.
     pub spearman: f64,
+    /// Spearman rank correlation of the projections |u_iᵀ ΔW v_i| = δ_i·σ_i, i.e. without
+    /// the 1/σ_i factor both δ vectors share.
+    pub spearman_projection: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +175,7 @@ pub struct SourceSummary {
     pub mean_concentration: f64,
     /// Fraction of all TSD that are among their layer's s largest singular directions.
     pub top_sigma_hit_rate: f64,
+    pub mean_null_overlap: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -178,6 +187,7 @@ pub struct Summary {
     pub mean_overlap: Option<f64>,
     pub mean_jaccard: Option<f64>,
     pub mean_spearman: Option<f64>,
+    pub mean_spearman_projection: Option<f64>,
     /// Expected |∩|/s of two random s-subsets of k directions (= s/k), averaged over layers.
     pub chance_overlap: Option<f64>,
 }
@@ -264,12 +274,13 @@ pub fn analyze(
             let cdelta = o.map(|o| o.change_rates(&svd)).transpose()?;
             let (out_dim, in_dim) = w.dims2()?;
             let k = svd.k();
-            let src = stats(&svd.sigma, &delta, s);
-            let cmp = cdelta.as_ref().map(|c| stats(&svd.sigma, c, s));
+            let src = stats(&svd.sigma, &delta, s, name);
+            let cmp = cdelta.as_ref().map(|c| stats(&svd.sigma, c, s, name));
             let agreement = cdelta.as_ref().zip(cmp.as_ref()).map(|(c, cs)| Agreement {
                 overlap: overlap(&src.indices, &cs.indices, s),
                 jaccard: jaccard(&src.indices, &cs.indices),
                 spearman: spearman(&delta, c),
+                spearman_projection: spearman(&projections(&delta, &svd.sigma), &projections(c, &svd.sigma)),
             });
             if let Some(p) = progress {
                 p.inc(1);
@@ -314,8 +325,8 @@ pub fn analyze(
     ))
 }
 
-/// TSD of one δ vector over the spectrum `sigma`.
-pub fn stats(sigma: &[f32], delta: &[f32], s: usize) -> TsdStats {
+/// TSD of one δ vector over the spectrum `sigma`; `seed_label` seeds the null baseline.
+pub fn stats(sigma: &[f32], delta: &[f32], s: usize, seed_label: &str) -> TsdStats {
     let k = sigma.len();
     let idx = top_s(delta, sigma, s);
     let total_sigma: f64 = sigma.iter().map(|&x| x as f64).sum();
@@ -336,10 +347,38 @@ pub fn stats(sigma: &[f32], delta: &[f32], s: usize) -> TsdStats {
         mean_sigma_share_above: mean(&share),
         concentration: if total_delta > 0.0 { top_delta / total_delta } else { f64::NAN },
         top_sigma_hits: idx.iter().filter(|&&i| i < s).count(),
+        null_overlap: null_overlap(&idx, sigma, s, NULL_DRAWS, &mut Rng::derive(0x7D5, seed_label)),
         percentile: pct,
         sigma_share_above: share,
         indices: idx,
     }
+}
+
+/// Draws of the isotropic-ΔW baseline per layer.
+pub const NULL_DRAWS: usize = 200;
+
+/// Mean |tsd ∩ top-s of |z_i| / σ_i| / s over `draws` standard normal vectors z.
+pub fn null_overlap(tsd: &[usize], sigma: &[f32], s: usize, draws: usize, rng: &mut Rng) -> f64 {
+    let k = sigma.len();
+    let mut total = 0f64;
+    for _ in 0..draws {
+        // Box–Muller; only |z| matters.
+        let z: Vec<f32> = (0..k)
+            .map(|_| {
+                let u1 = rng.next_f32().max(f32::MIN_POSITIVE);
+                let u2 = rng.next_f32();
+                ((-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()).abs()
+            })
+            .collect();
+        let d: Vec<f32> = z.iter().zip(sigma).map(|(z, &sg)| if sg > 0.0 { z / sg } else { 0.0 }).collect();
+        total += overlap(tsd, &top_s(&d, sigma, s), s);
+    }
+    total / draws.max(1) as f64
+}
+
+/// |u_iᵀ ΔW v_i| = δ_i·σ_i.
+fn projections(delta: &[f32], sigma: &[f32]) -> Vec<f32> {
+    delta.iter().zip(sigma).map(|(d, s)| d * s).collect()
 }
 
 /// |a ∩ b| / s.
@@ -432,8 +471,9 @@ fn summarize_source<'a>(stats: impl Iterator<Item = &'a TsdStats> + Clone) -> So
         mean_percentile: mean(&all_pct),
         median_percentile: median(all_pct),
         mean_sigma_share_above: mean(&stats.clone().map(|s| s.mean_sigma_share_above).collect::<Vec<_>>()),
-        mean_concentration: mean(&stats.map(|s| s.concentration).collect::<Vec<_>>()),
+        mean_concentration: mean(&stats.clone().map(|s| s.concentration).collect::<Vec<_>>()),
         top_sigma_hit_rate: if n_tsd > 0 { hits as f64 / n_tsd as f64 } else { f64::NAN },
+        mean_null_overlap: mean(&stats.map(|s| s.null_overlap).collect::<Vec<_>>()),
     }
 }
 
@@ -449,6 +489,7 @@ fn summarize(layers: &[LayerRecord], with_compare: bool) -> Summary {
         mean_overlap: agg(|a| a.overlap),
         mean_jaccard: agg(|a| a.jaccard),
         mean_spearman: agg(|a| a.spearman),
+        mean_spearman_projection: agg(|a| a.spearman_projection),
         chance_overlap: with_compare.then(|| mean(&layers.iter().map(|l| l.uniform_concentration).collect::<Vec<_>>())),
     }
 }
@@ -496,7 +537,7 @@ mod tests {
     fn stats_of_a_hand_made_spectrum() {
         let sigma = [4.0f32, 3.0, 2.0, 1.0];
         let delta = [0.1f32, 0.2, 0.6, 0.1];
-        let st = stats(&sigma, &delta, 2);
+        let st = stats(&sigma, &delta, 2, "t");
         assert_eq!(st.indices, vec![2, 1]);
         // Σσ = 10: above index 2 lie 4 + 3, above index 1 lies 4.
         assert_eq!(st.sigma_share_above, vec![0.7, 0.4]);
@@ -504,5 +545,22 @@ mod tests {
         assert!((st.concentration - 0.8).abs() < 1e-6, "{}", st.concentration);
         assert_eq!(st.top_sigma_hits, 1);
         assert_eq!(st.percentile, vec![200.0 / 3.0, 100.0 / 3.0]);
+    }
+
+    #[test]
+    fn null_overlap_is_chance_for_a_flat_spectrum_and_one_for_a_cliff() {
+        let mut rng = Rng::new(1);
+        // Equal σ: the random TSD are a uniform s-subset, so E|∩|/s = s/k.
+        let flat = vec![1.0f32; 40];
+        let got = null_overlap(&[0, 1, 2, 3], &flat, 4, 2000, &mut rng);
+        println!("flat spectrum: null overlap {got:.4} (s/k = 0.1)");
+        assert!((got - 0.1).abs() < 0.01, "{got}");
+        // The last s σ are 10⁶ times smaller: 1/σ alone picks them in every draw.
+        let mut cliff = vec![1.0f32; 40];
+        for x in &mut cliff[36..] {
+            *x = 1e-6;
+        }
+        assert_eq!(null_overlap(&[36, 37, 38, 39], &cliff, 4, 50, &mut rng), 1.0);
+        assert_eq!(null_overlap(&[0, 1, 2, 3], &cliff, 4, 50, &mut rng), 0.0);
     }
 }
