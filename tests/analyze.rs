@@ -191,7 +191,7 @@ fn cli_writes_json_csv_spectra_and_plots() {
     assert_eq!(res.unmatched_layers.len(), 8);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
     assert_eq!(json["layers"].as_array().unwrap().len(), 6);
-    for key in ["mean_overlap", "mean_jaccard", "mean_spearman", "mean_spearman_projection", "chance_overlap"] {
+    for key in ["mean_overlap", "mean_jaccard", "mean_spearman", "mean_spearman_projection", "chance_overlap", "mean_null_concentration"] {
         assert!(json["summary"][key].is_number(), "{key}: {}", json["summary"]);
     }
     let csv = std::fs::read_to_string(out.join("layers.csv")).unwrap();

@@ -137,7 +137,7 @@ fn join(idx: &[usize]) -> String {
 /// One row per layer; index lists are `;`-separated.
 pub fn layers_csv(a: &Analysis) -> String {
     let mut out = String::from(
-        "layer,out,in,k,tsd_indices,mean_percentile,mean_sigma_share_above,concentration,uniform_concentration,top_sigma_hits,null_overlap",
+        "layer,out,in,k,tsd_indices,mean_percentile,mean_sigma_share_above,concentration,uniform_concentration,null_concentration,top_sigma_hits,null_overlap",
     );
     if a.compare.is_some() {
         out.push_str(",compare_tsd_indices,compare_mean_percentile,compare_concentration,overlap,jaccard,spearman,spearman_projection");
@@ -146,7 +146,7 @@ pub fn layers_csv(a: &Analysis) -> String {
     for l in &a.layers {
         let s = &l.source;
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             l.layer,
             l.out_dim,
             l.in_dim,
@@ -156,6 +156,7 @@ pub fn layers_csv(a: &Analysis) -> String {
             fmt(s.mean_sigma_share_above),
             fmt(s.concentration),
             fmt(l.uniform_concentration),
+            fmt(l.null_concentration),
             s.top_sigma_hits,
             fmt(s.null_overlap)
         ));
@@ -235,7 +236,7 @@ fn print_summary(a: &Analysis, out: &Path) {
     let s = &a.summary;
     println!(
         "{} layers, s = {}: TSD at mean spectrum percentile {:.1} (median {:.1}), {:.1}% of σ mass above them, \
-         {:.1}% of TSD among the top-{} σ; concentration Σ_TSD δ / Σ δ = {:.3} (uniform would be {:.3}); \
+         {:.1}% of TSD among the top-{} σ; concentration Σ_TSD δ / Σ δ = {:.3} (uniform δ: {:.3}, isotropic random ΔW: {:.3}); \
          |TSD ∩ TSD of an isotropic random ΔW| / s = {:.3}",
         s.layers,
         a.s,
@@ -246,6 +247,7 @@ fn print_summary(a: &Analysis, out: &Path) {
         a.s,
         s.source.mean_concentration,
         s.mean_uniform_concentration,
+        s.mean_null_concentration,
         s.source.mean_null_overlap
     );
     if let (Some(c), Some(o), Some(j), Some(r)) = (&s.compare, s.mean_overlap, s.mean_jaccard, s.mean_spearman) {

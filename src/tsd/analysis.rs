@@ -20,6 +20,7 @@ use crate::io::Weights;
 use crate::models::config::LlamaConfig;
 use crate::models::Llama;
 use crate::rng::Rng;
+use crate::tsd::metrics::{jaccard, mean, median, overlap, projections, spearman, NullBaseline, NULL_DRAWS};
 use crate::tsd::select::{change_rates, change_rates_dense, percentile, top_s};
 use crate::tsd::svd::{Svd, SvdCache};
 
@@ -128,9 +129,8 @@ pub struct TsdStats {
     pub concentration: f64,
     /// How many TSD are among the s largest singular directions.
     pub top_sigma_hits: usize,
-    /// Expected |TSD ∩ TSD of an isotropic Gaussian ΔW| / s. For such a ΔW the projections
-    /// u_iᵀ ΔW v_i are i.i.d. normal, so δ_i ∝ |z_i| / σ_i: this is the agreement that the
-    /// 1/σ_i in δ alone produces, a sharper chance level than s/k.
+    /// Expected |TSD ∩ TSD of an isotropic Gaussian ΔW| / s (see `metrics::NullBaseline`):
+    /// the agreement that the 1/σ_i in δ alone produces.
     pub null_overlap: f64,
 }
 
@@ -155,6 +155,8 @@ pub struct LayerRecord {
     pub k: usize,
     /// Concentration s/k that evenly spread change rates would give.
     pub uniform_concentration: f64,
+    /// Concentration an isotropic Gaussian ΔW would give on this spectrum.
+    pub null_concentration: f64,
     pub source: TsdStats,
     pub compare: Option<TsdStats>,
     pub agreement: Option<Agreement>,
@@ -182,6 +184,7 @@ pub struct SourceSummary {
 pub struct Summary {
     pub layers: usize,
     pub mean_uniform_concentration: f64,
+    pub mean_null_concentration: f64,
     pub source: SourceSummary,
     pub compare: Option<SourceSummary>,
     pub mean_overlap: Option<f64>,
@@ -274,8 +277,9 @@ pub fn analyze(
             let cdelta = o.map(|o| o.change_rates(&svd)).transpose()?;
             let (out_dim, in_dim) = w.dims2()?;
             let k = svd.k();
-            let src = stats(&svd.sigma, &delta, s, name);
-            let cmp = cdelta.as_ref().map(|c| stats(&svd.sigma, c, s, name));
+            let null = NullBaseline::sample(&svd.sigma, s, NULL_DRAWS, &mut Rng::derive(NULL_SEED, name));
+            let src = stats(&svd.sigma, &delta, s, &null);
+            let cmp = cdelta.as_ref().map(|c| stats(&svd.sigma, c, s, &null));
             let agreement = cdelta.as_ref().zip(cmp.as_ref()).map(|(c, cs)| Agreement {
                 overlap: overlap(&src.indices, &cs.indices, s),
                 jaccard: jaccard(&src.indices, &cs.indices),
@@ -291,6 +295,7 @@ pub fn analyze(
                 in_dim,
                 k,
                 uniform_concentration: s as f64 / k as f64,
+                null_concentration: null.concentration,
                 source: src,
                 compare: cmp,
                 agreement,
@@ -325,8 +330,11 @@ pub fn analyze(
     ))
 }
 
-/// TSD of one δ vector over the spectrum `sigma`; `seed_label` seeds the null baseline.
-pub fn stats(sigma: &[f32], delta: &[f32], s: usize, seed_label: &str) -> TsdStats {
+/// Seed of the isotropic-ΔW draws (mixed with the layer path), fixed so reruns agree.
+const NULL_SEED: u64 = 0x75D;
+
+/// TSD of one δ vector over the spectrum `sigma`, with their agreement with `null`.
+pub fn stats(sigma: &[f32], delta: &[f32], s: usize, null: &NullBaseline) -> TsdStats {
     let k = sigma.len();
     let idx = top_s(delta, sigma, s);
     let total_sigma: f64 = sigma.iter().map(|&x| x as f64).sum();
@@ -347,119 +355,10 @@ pub fn stats(sigma: &[f32], delta: &[f32], s: usize, seed_label: &str) -> TsdSta
         mean_sigma_share_above: mean(&share),
         concentration: if total_delta > 0.0 { top_delta / total_delta } else { f64::NAN },
         top_sigma_hits: idx.iter().filter(|&&i| i < s).count(),
-        null_overlap: null_overlap(&idx, sigma, s, NULL_DRAWS, &mut Rng::derive(0x7D5, seed_label)),
+        null_overlap: null.overlap(&idx, s),
         percentile: pct,
         sigma_share_above: share,
         indices: idx,
-    }
-}
-
-/// Draws of the isotropic-ΔW baseline per layer.
-pub const NULL_DRAWS: usize = 200;
-
-/// Mean |tsd ∩ top-s of |z_i| / σ_i| / s over `draws` standard normal vectors z.
-pub fn null_overlap(tsd: &[usize], sigma: &[f32], s: usize, draws: usize, rng: &mut Rng) -> f64 {
-    let k = sigma.len();
-    let mut total = 0f64;
-    for _ in 0..draws {
-        // Box–Muller; only |z| matters.
-        let z: Vec<f32> = (0..k)
-            .map(|_| {
-                let u1 = rng.next_f32().max(f32::MIN_POSITIVE);
-                let u2 = rng.next_f32();
-                ((-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()).abs()
-            })
-            .collect();
-        let d: Vec<f32> = z.iter().zip(sigma).map(|(z, &sg)| if sg > 0.0 { z / sg } else { 0.0 }).collect();
-        total += overlap(tsd, &top_s(&d, sigma, s), s);
-    }
-    total / draws.max(1) as f64
-}
-
-/// |u_iᵀ ΔW v_i| = δ_i·σ_i.
-fn projections(delta: &[f32], sigma: &[f32]) -> Vec<f32> {
-    delta.iter().zip(sigma).map(|(d, s)| d * s).collect()
-}
-
-/// |a ∩ b| / s.
-pub fn overlap(a: &[usize], b: &[usize], s: usize) -> f64 {
-    let n = a.iter().filter(|i| b.contains(i)).count();
-    n as f64 / s.max(1) as f64
-}
-
-/// |a ∩ b| / |a ∪ b| (1 for two empty sets).
-pub fn jaccard(a: &[usize], b: &[usize]) -> f64 {
-    let inter = a.iter().filter(|i| b.contains(i)).count();
-    let union = a.len() + b.len() - inter;
-    if union == 0 {
-        1.0
-    } else {
-        inter as f64 / union as f64
-    }
-}
-
-/// Ranks 1..n with ties given their average rank.
-pub fn average_ranks(x: &[f32]) -> Vec<f64> {
-    let mut order: Vec<usize> = (0..x.len()).collect();
-    order.sort_by(|&i, &j| x[i].partial_cmp(&x[j]).unwrap_or(std::cmp::Ordering::Equal));
-    let mut ranks = vec![0f64; x.len()];
-    let mut start = 0;
-    while start < order.len() {
-        let mut end = start + 1;
-        while end < order.len() && x[order[end]] == x[order[start]] {
-            end += 1;
-        }
-        // positions start..end (0-based) share ranks start+1..=end
-        let r = (start + end + 1) as f64 / 2.0;
-        for &i in &order[start..end] {
-            ranks[i] = r;
-        }
-        start = end;
-    }
-    ranks
-}
-
-/// Spearman's ρ: Pearson correlation of average ranks (NaN when either side is constant or
-/// the lengths differ).
-pub fn spearman(x: &[f32], y: &[f32]) -> f64 {
-    if x.len() != y.len() || x.len() < 2 {
-        return f64::NAN;
-    }
-    let (rx, ry) = (average_ranks(x), average_ranks(y));
-    let (mx, my) = (mean(&rx), mean(&ry));
-    let (mut sxy, mut sxx, mut syy) = (0f64, 0f64, 0f64);
-    for (a, b) in rx.iter().zip(&ry) {
-        sxy += (a - mx) * (b - my);
-        sxx += (a - mx) * (a - mx);
-        syy += (b - my) * (b - my);
-    }
-    if sxx == 0.0 || syy == 0.0 {
-        return f64::NAN;
-    }
-    sxy / (sxx * syy).sqrt()
-}
-
-/// Mean of the finite values (NaN when there are none).
-pub fn mean(v: &[f64]) -> f64 {
-    let f: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if f.is_empty() {
-        f64::NAN
-    } else {
-        f.iter().sum::<f64>() / f.len() as f64
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -484,6 +383,7 @@ fn summarize(layers: &[LayerRecord], with_compare: bool) -> Summary {
     Summary {
         layers: layers.len(),
         mean_uniform_concentration: mean(&layers.iter().map(|l| l.uniform_concentration).collect::<Vec<_>>()),
+        mean_null_concentration: mean(&layers.iter().map(|l| l.null_concentration).collect::<Vec<_>>()),
         source: summarize_source(layers.iter().map(|l| &l.source)),
         compare: with_compare.then(|| summarize_source(layers.iter().filter_map(|l| l.compare.as_ref()))),
         mean_overlap: agg(|a| a.overlap),
@@ -499,45 +399,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn overlap_and_jaccard_on_hand_made_sets() {
-        let a = [3, 1, 7, 9];
-        let b = [9, 2, 3, 5];
-        // ∩ = {3, 9}, ∪ = {1, 2, 3, 5, 7, 9}
-        assert_eq!(overlap(&a, &b, 4), 0.5);
-        assert!((jaccard(&a, &b) - 2.0 / 6.0).abs() < 1e-12);
-        assert_eq!(overlap(&a, &a, 4), 1.0);
-        assert_eq!(jaccard(&a, &a), 1.0);
-        assert_eq!(overlap(&[0, 1], &[2, 3], 2), 0.0);
-        assert_eq!(jaccard(&[0, 1], &[2, 3]), 0.0);
-        assert_eq!(jaccard(&[], &[]), 1.0);
-    }
-
-    #[test]
-    fn spearman_matches_hand_computed_values_with_ties() {
-        assert_eq!(average_ranks(&[10.0, 20.0, 20.0, 5.0]), vec![2.0, 3.5, 3.5, 1.0]);
-        assert_eq!(average_ranks(&[1.0, 1.0, 1.0]), vec![2.0, 2.0, 2.0]);
-        // Monotone transforms do not change ρ.
-        let x = [0.3f32, 1.5, 0.1, 7.0, 2.2];
-        let y: Vec<f32> = x.iter().map(|v| v.exp()).collect();
-        assert!((spearman(&x, &y) - 1.0).abs() < 1e-12);
-        let neg: Vec<f32> = x.iter().map(|v| -v).collect();
-        assert!((spearman(&x, &neg) + 1.0).abs() < 1e-12);
-        // No ties: 1 − 6Σd²/(n(n²−1)); ranks x = [1,2,3,4,5], y = [2,1,4,3,5] → Σd² = 4, ρ = 0.8.
-        assert!((spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]) - 0.8).abs() < 1e-12);
-        // Ties: x ranks [1, 2.5, 2.5, 4], y ranks [1, 2, 3, 4]; Pearson of ranks by hand:
-        // mean 2.5, Σ(dx·dy) = 2.25 + 0 + 0 + 2.25 = 4.5, Σdx² = 4.5, Σdy² = 5 → 4.5/√22.5.
-        let r = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]);
-        let want = 4.5 / 22.5f64.sqrt();
-        println!("spearman with ties: {r} (want {want})");
-        assert!((r - want).abs() < 1e-12);
-        assert!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
-    }
-
-    #[test]
     fn stats_of_a_hand_made_spectrum() {
         let sigma = [4.0f32, 3.0, 2.0, 1.0];
         let delta = [0.1f32, 0.2, 0.6, 0.1];
-        let st = stats(&sigma, &delta, 2, "t");
+        let null = NullBaseline::sample(&sigma, 2, 10, &mut Rng::new(0));
+        let st = stats(&sigma, &delta, 2, &null);
         assert_eq!(st.indices, vec![2, 1]);
         // Σσ = 10: above index 2 lie 4 + 3, above index 1 lies 4.
         assert_eq!(st.sigma_share_above, vec![0.7, 0.4]);
@@ -547,20 +413,4 @@ mod tests {
         assert_eq!(st.percentile, vec![200.0 / 3.0, 100.0 / 3.0]);
     }
 
-    #[test]
-    fn null_overlap_is_chance_for_a_flat_spectrum_and_one_for_a_cliff() {
-        let mut rng = Rng::new(1);
-        // Equal σ: the random TSD are a uniform s-subset, so E|∩|/s = s/k.
-        let flat = vec![1.0f32; 40];
-        let got = null_overlap(&[0, 1, 2, 3], &flat, 4, 2000, &mut rng);
-        println!("flat spectrum: null overlap {got:.4} (s/k = 0.1)");
-        assert!((got - 0.1).abs() < 0.01, "{got}");
-        // The last s σ are 10⁶ times smaller: 1/σ alone picks them in every draw.
-        let mut cliff = vec![1.0f32; 40];
-        for x in &mut cliff[36..] {
-            *x = 1e-6;
-        }
-        assert_eq!(null_overlap(&[36, 37, 38, 39], &cliff, 4, 50, &mut rng), 1.0);
-        assert_eq!(null_overlap(&[0, 1, 2, 3], &cliff, 4, 50, &mut rng), 0.0);
-    }
 }

@@ -2,6 +2,7 @@
 //! rates of core directions, selection, and the TSD study (`analysis`, `plots`).
 
 pub mod analysis;
+pub mod metrics;
 pub mod plots;
 pub mod select;
 pub mod svd;
