@@ -227,7 +227,8 @@ fn write_plots(a: &Analysis, sp: &Spectra, re: Option<&regex::Regex>, bins: usiz
         let names: Vec<String> = a.layers.iter().map(|l| l.layer.clone()).collect();
         let ov: Vec<f64> = a.layers.iter().map(|l| l.agreement.as_ref().map_or(f64::NAN, |g| g.overlap)).collect();
         let rho: Vec<f64> = a.layers.iter().map(|l| l.agreement.as_ref().map_or(f64::NAN, |g| g.spearman)).collect();
-        plot_overlap(&dir.join("overlap.png"), &names, &ov, &rho, a.summary.chance_overlap.unwrap_or(f64::NAN))?;
+        let null: Vec<f64> = a.layers.iter().map(|l| l.source.null_overlap).collect();
+        plot_overlap(&dir.join("overlap.png"), &names, &ov, &rho, &null, a.summary.chance_overlap.unwrap_or(f64::NAN))?;
     }
     Ok(())
 }

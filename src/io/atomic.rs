@@ -22,9 +22,13 @@ pub fn write_with(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()
     std::fs::rename(&tmp, path).at(path)
 }
 
+/// A temporary name next to `path`, unique per process and call (threads may write the
+/// same target concurrently, e.g. the SVD cache).
 fn tmp_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+    path.with_file_name(format!(".{name}.tmp{}-{n}", std::process::id()))
 }
 
 /// A directory filled under a temporary name and renamed into place by [`StagedDir::commit`].

@@ -78,7 +78,8 @@ pub fn plot_delta_spectrum(path: &Path, layer: &str, series: &[SpectrumSeries<'_
     let k = series.iter().map(|s| s.delta.len()).max().unwrap_or(1).max(1);
     let positive = series.iter().flat_map(|s| s.delta.iter().copied()).filter(|d| *d > 0.0 && d.is_finite());
     let (lo, hi) = positive.fold((f64::INFINITY, 0f64), |(lo, hi), d| (lo.min(d as f64), hi.max(d as f64)));
-    let (lo, hi) = if lo.is_finite() && hi > 0.0 { (lo * 0.5, hi * 2.0) } else { (1e-6, 1.0) };
+    // Headroom above the largest δ keeps the legend off the curves.
+    let (lo, hi) = if lo.is_finite() && hi > 0.0 { (lo * 0.5, hi * 30.0) } else { (1e-6, 1.0) };
     // log axes cannot show 0: zeros are drawn at the bottom edge.
     let clamp = |d: f32| (d as f64).max(lo);
     render(path, (1000, 600), |root, text| {
@@ -193,8 +194,9 @@ pub fn plot_tsd_heatmap(path: &Path, title: &str, rows: &[HeatRow<'_>], bins: us
 }
 
 /// Per layer: |∩|/s of the two TSD sets as bars, Spearman's ρ of the δ vectors as a line,
-/// and the chance level of |∩|/s as a dashed line.
-pub fn plot_overlap(path: &Path, layers: &[String], overlap: &[f64], spearman: &[f64], chance: f64) -> Result<()> {
+/// the isotropic-ΔW baseline of |∩|/s per layer as a black line, and the chance level s/k
+/// as a dashed line.
+pub fn plot_overlap(path: &Path, layers: &[String], overlap: &[f64], spearman: &[f64], null: &[f64], chance: f64) -> Result<()> {
     let n = layers.len().max(1);
     let lo = spearman.iter().copied().filter(|v| v.is_finite()).fold(0f64, f64::min) - 0.05;
     let names: Vec<String> = layers.iter().map(|l| short_name(l)).collect();
@@ -239,9 +241,16 @@ pub fn plot_overlap(path: &Path, layers: &[String], overlap: &[f64], spearman: &
         if text {
             rho.label("Spearman ρ of δ").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], PALETTE[1].stroke_width(2)));
         }
+        let nl = chart.draw_series(LineSeries::new(
+            null.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as f64 + 0.5, v)),
+            BLACK.stroke_width(2),
+        ))?;
+        if text {
+            nl.label("|∩| / s for an isotropic random ΔW").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+        }
         let ch = chart.draw_series(DashedLineSeries::new(vec![(0.0, chance), (n as f64, chance)], 8, 6, BLACK.stroke_width(1)))?;
         if text {
-            ch.label("chance |∩| / s").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            ch.label("chance |∩| / s = s/k").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
             chart
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.85))
