@@ -215,6 +215,9 @@ pub struct Spectra {
     pub compare_delta: BTreeMap<String, Vec<f32>>,
 }
 
+/// One layer's record with its σ, δ and the compared source's δ.
+type LayerResult = (LayerRecord, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
 /// Runs the study of `source` (and `compare`) against `base`. SVDs come from `cache`; layers
 /// are processed in parallel on the rayon pool. `progress` is ticked once per layer.
 pub fn analyze(
@@ -267,7 +270,7 @@ pub fn analyze(
             return Err(Error::config("s", format!("{s} exceeds min(out, in) = {} of `{name}`", o.min(i))));
         }
     }
-    let results: Vec<Result<(LayerRecord, Vec<f32>, Vec<f32>, Option<Vec<f32>>)>> = jobs
+    let results: Vec<Result<LayerResult>> = jobs
         .par_iter()
         .map(|&(name, d, o)| {
             let w = weights[name];
