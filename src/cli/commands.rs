@@ -11,8 +11,13 @@ use crate::models::Llama;
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.resolve()?;
     let s = crate::train::trainer::train(&cfg)?;
+    let (what, dir) = if matches!(cfg.method, crate::train::config::Method::Full) {
+        ("model", s.out.join("model"))
+    } else {
+        ("adapter", s.out.clone())
+    };
     println!(
-        "trained {} steps: loss {:.4} -> {:.4}{} ({:.0} tokens/s); adapter in {}",
+        "trained {} steps: loss {:.4} -> {:.4}{} ({:.0} tokens/s); {what} in {}",
         s.steps,
         s.first_loss,
         s.last_loss,
@@ -21,7 +26,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             _ => String::new(),
         },
         s.tokens_per_s,
-        s.out.display()
+        dir.display()
     );
     Ok(())
 }
