@@ -11,9 +11,21 @@ fn main() -> lora_dash::Result<()> {
     let loaded = lora_dash::io::load_model(&path)?;
     let cfg = loaded.config.resolve()?;
     let mut m = Llama::load(&cfg, &loaded.weights)?;
-    let lc = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, use_rslora: false, target_modules: TargetModules::parse("q_proj,k_proj,v_proj,up_proj,down_proj")? };
+    let lc = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
+        use_rslora: false,
+        target_modules: TargetModules::parse("q_proj,k_proj,v_proj,up_proj,down_proj")?,
+    };
     m.inject_lora(&lc, 0)?;
-    let (b, t) = (4usize, std::env::var("T").ok().and_then(|s| s.parse().ok()).unwrap_or(128usize));
+    let (b, t) = (
+        4usize,
+        std::env::var("T")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(128usize),
+    );
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % 40000) as u32).collect();
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let mask = Tensor::ones((b, t), DType::F32, &Device::Cpu)?;
@@ -38,6 +50,9 @@ fn main() -> lora_dash::Result<()> {
             (b * t) as f64 / (t4 - t0).as_secs_f64()
         );
     }
-    println!("peak RSS {:.2} GiB", lora_dash::train::trainer::peak_rss_bytes() as f64 / (1u64 << 30) as f64);
+    println!(
+        "peak RSS {:.2} GiB",
+        lora_dash::train::trainer::peak_rss_bytes() as f64 / (1u64 << 30) as f64
+    );
     Ok(())
 }

@@ -40,7 +40,9 @@ pub enum Error {
     #[error("invalid config `{field}`: {reason}")]
     InvalidConfig { field: String, reason: String },
 
-    #[error("target modules `{spec}` match no linear layer of the model (layers look like `{example}`)")]
+    #[error(
+        "target modules `{spec}` match no linear layer of the model (layers look like `{example}`)"
+    )]
     NoTargetMatch { spec: String, example: String },
 
     #[error("output {0} already exists; pass --overwrite to replace it")]

@@ -31,10 +31,16 @@ fn tiny() -> (io::LoadedModel, Llama) {
 /// Writes tiny-llama with W + ΔW (ΔW uniform in ±amp) on the `targets` layers to `dir`.
 fn make_finetuned(dir: &Path, targets: &str, seed: u64, amp: f32) {
     let (loaded, mut m) = tiny();
-    m.inject_full(&TargetModules::parse(targets).unwrap()).unwrap();
+    m.inject_full(&TargetModules::parse(targets).unwrap())
+        .unwrap();
     let mut rng = Rng::new(seed);
     for (_, v) in m.trainable_vars() {
-        let t = Tensor::from_vec(rng.uniform_vec(v.elem_count(), -amp, amp), v.dims(), &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(
+            rng.uniform_vec(v.elem_count(), -amp, amp),
+            v.dims(),
+            &Device::Cpu,
+        )
+        .unwrap();
         v.set(&t).unwrap();
     }
     io::hf::write_hf_dir(&loaded, &m.base_weights(true).unwrap(), dir, true).unwrap();
@@ -73,9 +79,16 @@ fn naive_rates(w: &faer::Mat<f64>, dw: &faer::Mat<f64>) -> (Vec<f64>, Vec<f64>) 
 fn check_layer(label: &str, got: &[f32], want: &[f64], sigma: &[f64], s: usize) -> f64 {
     assert_eq!(got.len(), want.len(), "{label}: k");
     let top = want.iter().cloned().fold(0f64, f64::max);
-    let worst = got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs() / top).fold(0f64, f64::max);
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - b).abs() / top)
+        .fold(0f64, f64::max);
     // f32 SVD and products against f64: ~1e-4 of the largest δ on these matrices.
-    assert!(worst < 5e-4, "{label}: max |δ − δ_ref| / max δ = {worst:.2e}");
+    assert!(
+        worst < 5e-4,
+        "{label}: max |δ − δ_ref| / max δ = {worst:.2e}"
+    );
     let mut sorted = want.to_vec();
     sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
     if sorted[s - 1] - sorted[s] > 1e-3 * top {
@@ -101,11 +114,19 @@ fn lora_and_dash_deltas_match_naive_f64_reference() {
         let (a, sp) = analyze("tiny", &base, &src, None, s, &SvdCache::disabled(), None).unwrap();
         let mut worst = 0f64;
         for (name, d) in &src.layers {
-            let w = to_f64(&loaded.weights.get(&format!("{name}.weight")).unwrap().clone());
+            let w = to_f64(
+                &loaded
+                    .weights
+                    .get(&format!("{name}.weight"))
+                    .unwrap()
+                    .clone(),
+            );
             // The reference ΔW comes from the adapter files, not from the loader under test.
             let dw = match scale {
                 Some(scale) => {
-                    let f = Weights::load_safetensors(&golden(dir).join("adapter_model.safetensors")).unwrap();
+                    let f =
+                        Weights::load_safetensors(&golden(dir).join("adapter_model.safetensors"))
+                            .unwrap();
                     let key = |t: &str| format!("base_model.model.{name}.{t}");
                     let la = to_f64(f.get(&key("lora_A.weight")).unwrap());
                     let lb = to_f64(f.get(&key("lora_B.weight")).unwrap());
@@ -114,7 +135,9 @@ fn lora_and_dash_deltas_match_naive_f64_reference() {
                     p
                 }
                 None => {
-                    let f = Weights::load_safetensors(&golden(dir).join("dash_adapter.safetensors")).unwrap();
+                    let f =
+                        Weights::load_safetensors(&golden(dir).join("dash_adapter.safetensors"))
+                            .unwrap();
                     let key = |t: &str| format!("base_model.model.{name}.{t}");
                     let la = to_f64(f.get(&key("lora_A.weight")).unwrap());
                     let lb = to_f64(f.get(&key("lora_B.weight")).unwrap());
@@ -123,13 +146,24 @@ fn lora_and_dash_deltas_match_naive_f64_reference() {
                     let c: Vec<f32> = f.get(&key("dash_c")).unwrap().to_vec1().unwrap();
                     let mut p = &lb * &la;
                     p *= faer::Scale(2.0); // lora_alpha 8 / r 4
-                    let uc = faer::Mat::<f64>::from_fn(u.nrows(), u.ncols(), |r, j| u[(r, j)] * c[j] as f64);
+                    let uc = faer::Mat::<f64>::from_fn(u.nrows(), u.ncols(), |r, j| {
+                        u[(r, j)] * c[j] as f64
+                    });
                     p + &uc * v.transpose()
                 }
             };
-            assert!(matches!(d, LayerDelta::LowRank { .. }), "{dir}: adapters stay low-rank");
+            assert!(
+                matches!(d, LayerDelta::LowRank { .. }),
+                "{dir}: adapters stay low-rank"
+            );
             let (want, sigma) = naive_rates(&w, &dw);
-            worst = worst.max(check_layer(&format!("{dir} {name}"), &sp.delta[name], &want, &sigma, s));
+            worst = worst.max(check_layer(
+                &format!("{dir} {name}"),
+                &sp.delta[name],
+                &want,
+                &sigma,
+                s,
+            ));
             let rec = a.layers.iter().find(|l| &l.layer == name).unwrap();
             assert_eq!(rec.source.indices.len(), s);
             assert!(rec.source.concentration > 0.0 && rec.source.concentration <= 1.0);
@@ -145,11 +179,21 @@ fn finetuned_delta_matches_naive_f64_reference_and_skips_unchanged_layers() {
     make_finetuned(&ft, "q_proj,down_proj", 7, 0.02);
     let (loaded, base) = tiny();
     let cfg = loaded.config.resolve().unwrap();
-    let src = load_deltas(&cfg, &loaded.weights, &DeltaSource::Finetuned(ft.to_string_lossy().into_owned())).unwrap();
+    let src = load_deltas(
+        &cfg,
+        &loaded.weights,
+        &DeltaSource::Finetuned(ft.to_string_lossy().into_owned()),
+    )
+    .unwrap();
     let names: Vec<&str> = src.layers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.mlp.down_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj"
+        ]
     );
     let (_, sp) = analyze("tiny", &base, &src, None, 5, &SvdCache::disabled(), None).unwrap();
     let tuned = Weights::load_safetensors(&ft.join("model.safetensors")).unwrap();
@@ -165,7 +209,13 @@ fn finetuned_delta_matches_naive_f64_reference_and_skips_unchanged_layers() {
 }
 
 fn args(out: &Path) -> AnalyzeArgs {
-    AnalyzeArgs { model: tiny_path(), out: out.to_path_buf(), s: 4, bins: 16, ..Default::default() }
+    AnalyzeArgs {
+        model: tiny_path(),
+        out: out.to_path_buf(),
+        s: 4,
+        bins: 16,
+        ..Default::default()
+    }
 }
 
 fn png_ok(p: &Path) -> usize {
@@ -189,10 +239,22 @@ fn cli_writes_json_csv_spectra_and_plots() {
     // tiny-lora adapts all 7 linears of both blocks; the fine-tune changed 3 of them per block.
     assert_eq!(res.layers.len(), 6);
     assert_eq!(res.unmatched_layers.len(), 8);
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
     assert_eq!(json["layers"].as_array().unwrap().len(), 6);
-    for key in ["mean_overlap", "mean_jaccard", "mean_spearman", "mean_spearman_projection", "chance_overlap", "mean_null_concentration"] {
-        assert!(json["summary"][key].is_number(), "{key}: {}", json["summary"]);
+    for key in [
+        "mean_overlap",
+        "mean_jaccard",
+        "mean_spearman",
+        "mean_spearman_projection",
+        "chance_overlap",
+        "mean_null_concentration",
+    ] {
+        assert!(
+            json["summary"][key].is_number(),
+            "{key}: {}",
+            json["summary"]
+        );
     }
     let csv = std::fs::read_to_string(out.join("layers.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
@@ -208,12 +270,20 @@ fn cli_writes_json_csv_spectra_and_plots() {
     let deltas: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("delta_"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("delta_")
+        })
         .collect();
     assert_eq!(deltas.len(), 3, "{deltas:?}");
     for p in &deltas {
         assert!(p.to_string_lossy().contains("layers.1."));
-        sizes.push((p.file_name().unwrap().to_string_lossy().into_owned(), png_ok(p)));
+        sizes.push((
+            p.file_name().unwrap().to_string_lossy().into_owned(),
+            png_ok(p),
+        ));
     }
     println!("figures (bytes): {sizes:?}");
     assert!(sizes.iter().all(|(_, n)| *n > 3000), "{sizes:?}");
@@ -233,12 +303,18 @@ fn a_source_agrees_perfectly_with_itself() {
     a.compare_adapter = Some(golden("tiny-lora"));
     let res = run(&a).unwrap();
     let s = &res.summary;
-    println!("self-comparison: overlap {:?} jaccard {:?} spearman {:?}", s.mean_overlap, s.mean_jaccard, s.mean_spearman);
+    println!(
+        "self-comparison: overlap {:?} jaccard {:?} spearman {:?}",
+        s.mean_overlap, s.mean_jaccard, s.mean_spearman
+    );
     assert_eq!(s.mean_overlap, Some(1.0));
     assert_eq!(s.mean_jaccard, Some(1.0));
     assert!((s.mean_spearman.unwrap() - 1.0).abs() < 1e-12);
     assert!((s.mean_spearman_projection.unwrap() - 1.0).abs() < 1e-12);
-    assert_eq!(s.source.mean_null_overlap, s.compare.as_ref().unwrap().mean_null_overlap);
+    assert_eq!(
+        s.source.mean_null_overlap,
+        s.compare.as_ref().unwrap().mean_null_overlap
+    );
 }
 
 fn err_text(a: &AnalyzeArgs) -> String {
@@ -255,11 +331,22 @@ fn bad_inputs_fail_clearly() {
     // A PEFT adapter whose A does not fit the layer (adapter for another base).
     let bad = d.path().join("bad-lora");
     std::fs::create_dir(&bad).unwrap();
-    std::fs::copy(golden("tiny-lora/adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    std::fs::copy(
+        golden("tiny-lora/adapter_config.json"),
+        bad.join("adapter_config.json"),
+    )
+    .unwrap();
     let mut w = Weights::new(None);
-    w.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap());
-    w.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", Tensor::zeros((64, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
-    w.save_safetensors(&bad.join("adapter_model.safetensors"), None).unwrap();
+    w.insert(
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    w.insert(
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+        Tensor::zeros((64, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    w.save_safetensors(&bad.join("adapter_model.safetensors"), None)
+        .unwrap();
     let mut a = args(&d.path().join("o1"));
     a.adapter = Some(bad);
     assert!(err_text(&a).contains("q_proj.lora_A.weight"));
@@ -276,7 +363,10 @@ fn bad_inputs_fail_clearly() {
     let mis = d.path().join("mismatch");
     let mut weights = loaded.weights.clone();
     let q = "model.layers.1.self_attn.k_proj.weight";
-    weights.insert(q, Tensor::zeros((16, 64), candle_core::DType::F32, &Device::Cpu).unwrap());
+    weights.insert(
+        q,
+        Tensor::zeros((16, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     io::hf::write_hf_dir(&loaded, &weights, &mis, false).unwrap();
     let mut a = args(&d.path().join("o3"));
     a.finetuned = Some(mis.to_string_lossy().into_owned());
@@ -309,5 +399,8 @@ fn bad_inputs_fail_clearly() {
     let mut a = args(&d.path().join("o7"));
     a.adapter = Some(d.path().join("missing"));
     err_text(&a);
-    assert!(!d.path().join("o1").exists() && !d.path().join("o6").exists(), "failed runs leave no output");
+    assert!(
+        !d.path().join("o1").exists() && !d.path().join("o6").exists(),
+        "failed runs leave no output"
+    );
 }

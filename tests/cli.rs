@@ -23,17 +23,37 @@ fn data() -> PathBuf {
 /// Runs `lora-dash train` on the tiny model with extra args; returns (ok, stderr).
 fn train(extra: &[&str], out: &Path) -> (bool, String) {
     let o = bin()
-        .args(["train", "--model", &tiny(), "--out", out.to_str().unwrap(), "--max-steps", "2", "--rank", "2", "--cutoff-len", "32", "--max-records", "8"])
+        .args([
+            "train",
+            "--model",
+            &tiny(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--rank",
+            "2",
+            "--cutoff-len",
+            "32",
+            "--max-records",
+            "8",
+        ])
         .args(extra)
         .output()
         .unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn fails_with(extra: &[&str], out: &Path, needle: &str) {
     let (ok, err) = train(extra, out);
     assert!(!ok, "expected failure for {extra:?}");
-    assert!(err.contains(needle), "error for {extra:?} should mention `{needle}`:\n{err}");
+    assert!(
+        err.contains(needle),
+        "error for {extra:?} should mention `{needle}`:\n{err}"
+    );
     assert!(!out.exists(), "nothing may be left behind for {extra:?}");
 }
 
@@ -46,14 +66,26 @@ fn bad_inputs_are_clear_errors() {
     fails_with(&["--data", "no/such/file.json"], &out, "no/such/file.json");
 
     let bad = d.path().join("bad.json");
-    std::fs::write(&bad, r#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ]"#).unwrap();
+    std::fs::write(
+        &bad,
+        r#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ]"#,
+    )
+    .unwrap();
     fails_with(&["--data", bad.to_str().unwrap()], &out, "bad.json");
 
     let no_out = d.path().join("no_output.jsonl");
-    std::fs::write(&no_out, "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\"}\n").unwrap();
+    std::fs::write(
+        &no_out,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"c\"}\n",
+    )
+    .unwrap();
     fails_with(&["--data", no_out.to_str().unwrap()], &out, "output");
 
-    fails_with(&["--data", ds, "--target-modules", "nonexistent_proj"], &out, "nonexistent_proj");
+    fails_with(
+        &["--data", ds, "--target-modules", "nonexistent_proj"],
+        &out,
+        "nonexistent_proj",
+    );
     fails_with(&["--data", ds, "--method", "prefix"], &out, "prefix");
     fails_with(&["--data", ds, "--schedule", "zigzag"], &out, "zigzag");
     fails_with(&["--data", ds, "--rank", "0"], &out, "rank");
@@ -63,14 +95,51 @@ fn bad_inputs_are_clear_errors() {
     copy(&golden("tiny-llama"), &model);
     let cfg = model.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"")).unwrap();
-    let o = bin().args(["train", "--model", model.to_str().unwrap(), "--data", ds, "--out", out.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("LlamaForCausalLM", "GPT2LMHeadModel")
+            .replace("\"llama\"", "\"gpt2\""),
+    )
+    .unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            ds,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("GPT2LMHeadModel"), "{err}");
-    std::fs::write(&cfg, text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161")).unwrap();
-    let o = bin().args(["train", "--model", model.to_str().unwrap(), "--data", ds, "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(
+        !o.status.success() && err.contains("GPT2LMHeadModel"),
+        "{err}"
+    );
+    std::fs::write(
+        &cfg,
+        text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161"),
+    )
+    .unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            ds,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("gate_proj.weight") && err.contains("161"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("gate_proj.weight") && err.contains("161"),
+        "{err}"
+    );
     assert!(!out.exists());
 
     // An existing output directory is kept unless --overwrite.
@@ -103,21 +172,49 @@ fn toml_config_is_strict_and_flags_override_it() {
     .unwrap();
     let out = d.path().join("run");
     let o = bin()
-        .args(["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "2"])
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--rank",
+            "2",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run_config.json")).unwrap()).unwrap();
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run_config.json")).unwrap())
+            .unwrap();
     assert_eq!(run["lora"]["r"], 2, "the flag wins over the file");
-    assert_eq!(run["lora"]["alpha"].as_f64(), Some(6.0), "the file fills what flags leave out");
+    assert_eq!(
+        run["lora"]["alpha"].as_f64(),
+        Some(6.0),
+        "the file fills what flags leave out"
+    );
     assert_eq!(run["batch_size"], 2);
-    let adapter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(adapter["r"], 2);
 
     std::fs::write(&cfg, "rank = 3\nlearning_rate = 0.1\n").unwrap();
-    let o = bin().args(["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    let o = bin()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("learning_rate"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("learning_rate"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -125,28 +222,82 @@ fn merge_convert_and_generate_work_on_the_tiny_model() {
     let d = tempfile::tempdir().unwrap();
     let merged = d.path().join("merged");
     let o = bin()
-        .args(["merge", "--model", &tiny(), "--adapter", golden("tiny-lora").to_str().unwrap(), "--out", merged.to_str().unwrap()])
+        .args([
+            "merge",
+            "--model",
+            &tiny(),
+            "--adapter",
+            golden("tiny-lora").to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(merged.join("model.safetensors").exists() && merged.join("config.json").exists() && merged.join("tokenizer.json").exists());
+    assert!(
+        merged.join("model.safetensors").exists()
+            && merged.join("config.json").exists()
+            && merged.join("tokenizer.json").exists()
+    );
     // The merged directory gives PEFT's merged logits.
     let g = common::load_golden("tiny_logits.safetensors");
     let want = common::load_golden("tiny_lora_logits.safetensors");
     let loaded = lora_dash::io::load_model(merged.to_str().unwrap()).unwrap();
-    let m = lora_dash::models::Llama::load(&loaded.config.resolve().unwrap(), &loaded.weights).unwrap();
-    let ids = g.get("input_ids").unwrap().to_dtype(candle_core::DType::U32).unwrap();
-    let logits = m.forward(&ids, Some(g.get("attention_mask").unwrap()), &lora_dash::models::Ctx::eval()).unwrap();
-    assert!(common::max_rel_diff("merged dir", &logits, want.get("merged_logits").unwrap(), Some(g.get("attention_mask").unwrap())) < 1e-4);
+    let m =
+        lora_dash::models::Llama::load(&loaded.config.resolve().unwrap(), &loaded.weights).unwrap();
+    let ids = g
+        .get("input_ids")
+        .unwrap()
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let logits = m
+        .forward(
+            &ids,
+            Some(g.get("attention_mask").unwrap()),
+            &lora_dash::models::Ctx::eval(),
+        )
+        .unwrap();
+    assert!(
+        common::max_rel_diff(
+            "merged dir",
+            &logits,
+            want.get("merged_logits").unwrap(),
+            Some(g.get("attention_mask").unwrap())
+        ) < 1e-4
+    );
     // Refuses to overwrite.
     let o = bin()
-        .args(["merge", "--model", &tiny(), "--adapter", golden("tiny-lora").to_str().unwrap(), "--out", merged.to_str().unwrap()])
+        .args([
+            "merge",
+            "--model",
+            &tiny(),
+            "--adapter",
+            golden("tiny-lora").to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
 
-    let o = bin().args(["generate", "--model", &tiny(), "--prompt", "What is 2 + 3?", "--prompt", "Hi", "--max-new-tokens", "5"]).output().unwrap();
+    let o = bin()
+        .args([
+            "generate",
+            "--model",
+            &tiny(),
+            "--prompt",
+            "What is 2 + 3?",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "5",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("What is 2 + 3?") && text.contains("Hi"), "{text}");
+    assert!(
+        text.contains("What is 2 + 3?") && text.contains("Hi"),
+        "{text}"
+    );
 }

@@ -65,7 +65,11 @@ fn run_cli(args: &[&str]) -> lora_dash::Result<()> {
 }
 
 fn read_jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn read_json(p: &Path) -> Value {
@@ -94,7 +98,13 @@ fn detects_tasks_on_shared_files() {
         }
         let recs = load_records(std::slice::from_ref(&p)).unwrap();
         let t = detect_task(&task_name(&p), &p, &recs).unwrap();
-        println!("{}: {:?}, {} options, {} records", t.name, t.family, t.num_choices, recs.len());
+        println!(
+            "{}: {:?}, {} options, {} records",
+            t.name,
+            t.family,
+            t.num_choices,
+            recs.len()
+        );
         assert_eq!((t.name.as_str(), t.family, t.num_choices), (dir, family, n));
         // Every record's own option list is a prefix of the vocabulary and holds its answer.
         for r in &recs {
@@ -108,34 +118,58 @@ fn detects_tasks_on_shared_files() {
 #[test]
 fn detects_tasks_on_handmade_records() {
     let p = Path::new("dir/hella.json");
-    let endings: Vec<Record> = ["ending2", "ending4", "ending1"].iter().map(|a| rec("q", a)).collect();
+    let endings: Vec<Record> = ["ending2", "ending4", "ending1"]
+        .iter()
+        .map(|a| rec("q", a))
+        .collect();
     let t = detect_task("hella", p, &endings).unwrap();
     assert_eq!((t.family, t.num_choices), (Family::Ending, 4));
     let wino: Vec<Record> = ["option1", "option2"].iter().map(|a| rec("q", a)).collect();
     assert_eq!(detect_task("w", p, &wino).unwrap().family, Family::Option);
     // Social IQa style: three options, seen as the largest answer index.
-    let siqa: Vec<Record> = ["answer1", "answer3", "answer2"].iter().map(|a| rec("q", a)).collect();
+    let siqa: Vec<Record> = ["answer1", "answer3", "answer2"]
+        .iter()
+        .map(|a| rec("q", a))
+        .collect();
     let t = detect_task("siqa", p, &siqa).unwrap();
     assert_eq!((t.family, t.num_choices), (Family::Answer, 3));
     assert_eq!(t.candidates(), vec!["answer1", "answer2", "answer3"]);
-    assert_eq!(t.candidates_for(&arc_like(4, &[1])[0]), vec!["answer1", "answer2", "answer3", "answer4"]);
-    let tf: Vec<Record> = ["true", "false", "true"].iter().map(|a| rec("q", a)).collect();
+    assert_eq!(
+        t.candidates_for(&arc_like(4, &[1])[0]),
+        vec!["answer1", "answer2", "answer3", "answer4"]
+    );
+    let tf: Vec<Record> = ["true", "false", "true"]
+        .iter()
+        .map(|a| rec("q", a))
+        .collect();
     let t = detect_task("b", p, &tf).unwrap();
-    assert_eq!((t.family, t.candidates()), (Family::TrueFalse, vec!["true".to_string(), "false".into()]));
+    assert_eq!(
+        (t.family, t.candidates()),
+        (Family::TrueFalse, vec!["true".to_string(), "false".into()])
+    );
 
     // Names: the stem, or the directory for generic split names.
     assert_eq!(task_name(Path::new("a/boolq/test.json")), "boolq");
     assert_eq!(task_name(Path::new("a/my_hellaswag.jsonl")), "my_hellaswag");
 
     // Errors name the file and the offending record.
-    let mixed: Vec<Record> = ["answer1", "answer2", "true"].iter().map(|a| rec("q", a)).collect();
+    let mixed: Vec<Record> = ["answer1", "answer2", "true"]
+        .iter()
+        .map(|a| rec("q", a))
+        .collect();
     let e = detect_task("m", p, &mixed).unwrap_err();
     println!("{e}");
-    assert!(matches!(&e, Error::Record { index: 2, path, .. } if path == p), "{e:?}");
+    assert!(
+        matches!(&e, Error::Record { index: 2, path, .. } if path == p),
+        "{e:?}"
+    );
     let unknown: Vec<Record> = ["yes", "no"].iter().map(|a| rec("q", a)).collect();
     let e = detect_task("u", p, &unknown).unwrap_err();
     println!("{e}");
-    assert!(e.to_string().contains("dir/hella.json") && e.to_string().contains("`yes`"), "{e}");
+    assert!(
+        e.to_string().contains("dir/hella.json") && e.to_string().contains("`yes`"),
+        "{e}"
+    );
     let mut missing = tf.clone();
     missing[1].answer = None;
     let e = detect_task("x", p, &missing).unwrap_err();
@@ -161,15 +195,27 @@ fn extract_answer_like_reference() {
     }
     let tf = Task::new("boolq", Family::TrueFalse, 2).unwrap();
     assert_eq!(tf.extract_answer("that is untrue").as_deref(), Some("true"));
-    assert_eq!(tf.extract_answer("False, then false").as_deref(), Some("false"));
+    assert_eq!(
+        tf.extract_answer("False, then false").as_deref(),
+        Some("false")
+    );
     let piqa = Task::new("piqa", Family::Solution, 2).unwrap();
-    assert_eq!(piqa.extract_answer("solution3 then solution2").as_deref(), Some("solution2"));
+    assert_eq!(
+        piqa.extract_answer("solution3 then solution2").as_deref(),
+        Some("solution2")
+    );
     let hs = Task::new("h", Family::Ending, 4).unwrap();
     assert_eq!(hs.extract_answer("ending4.").as_deref(), Some("ending4"));
     let w = Task::new("w", Family::Option, 2).unwrap();
-    assert_eq!(w.extract_answer("option2option1").as_deref(), Some("option2"));
+    assert_eq!(
+        w.extract_answer("option2option1").as_deref(),
+        Some("option2")
+    );
     // The text after the last `### Response:`, stripped, as the reference keeps it.
-    assert_eq!(response_text(" x ### Response:\n   the correct answer is answer1 \n"), "the correct answer is answer1");
+    assert_eq!(
+        response_text(" x ### Response:\n   the correct answer is answer1 \n"),
+        "the correct answer is answer1"
+    );
     assert_eq!(response_text("  plain  "), "plain");
     assert!(Task::new("bad", Family::Answer, 6).is_err());
 }
@@ -189,7 +235,12 @@ fn continuation_substitutes_the_answer() {
 fn greedy_and_beam_match_transformers() {
     let (tok, m) = tiny();
     let g = read_json(&golden("tiny_generate.json"));
-    let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(|p| tok.encode(p.as_str().unwrap()).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| tok.encode(p.as_str().unwrap()).unwrap())
+        .collect();
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
     assert_eq!(prompts, want_ids, "tokenizer differs from transformers");
     let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
@@ -202,7 +253,10 @@ fn greedy_and_beam_match_transformers() {
         } else {
             generate_beam(&m, &prompts, 0, max_new, &eos, k, 1.0).unwrap()
         };
-        println!("num_beams {k}, eos {eos:?}: lengths {:?}", got.iter().map(Vec::len).collect::<Vec<_>>());
+        println!(
+            "num_beams {k}, eos {eos:?}: lengths {:?}",
+            got.iter().map(Vec::len).collect::<Vec<_>>()
+        );
         assert_eq!(got, want, "num_beams {k}, eos {eos:?}");
         // Each prompt alone decodes the same as in the left-padded batch.
         for (p, w) in prompts.iter().zip(&want) {
@@ -220,7 +274,10 @@ fn greedy_and_beam_match_transformers() {
 fn beam_search_with_one_beam_is_greedy() {
     let (tok, m) = tiny();
     let recs = arc_like(4, &[1, 2, 3, 4, 2]);
-    let mut prompts: Vec<Vec<u32>> = recs.iter().map(|r| tok.encode(&eval_prompt(&r.instruction, None)).unwrap()).collect();
+    let mut prompts: Vec<Vec<u32>> = recs
+        .iter()
+        .map(|r| tok.encode(&eval_prompt(&r.instruction, None)).unwrap())
+        .collect();
     prompts.push(tok.encode("short").unwrap());
     // Frequent tokens as extra EOS ids make rows stop at different steps.
     let greedy0 = generate_greedy(&m, &prompts, 0, 20, &[2]).unwrap();
@@ -230,7 +287,10 @@ fn beam_search_with_one_beam_is_greedy() {
     for eos in [vec![2u32], eos] {
         let greedy = generate_greedy(&m, &prompts, 0, 20, &eos).unwrap();
         let beam = generate_beam(&m, &prompts, 0, 20, &eos, 1, 1.0).unwrap();
-        println!("eos {eos:?}: lengths {:?}", greedy.iter().map(Vec::len).collect::<Vec<_>>());
+        println!(
+            "eos {eos:?}: lengths {:?}",
+            greedy.iter().map(Vec::len).collect::<Vec<_>>()
+        );
         assert_eq!(beam, greedy);
     }
 }
@@ -244,12 +304,23 @@ fn likelihood_batched_equals_naive() {
         input: "a passage to read".into(),
         ..rec("Is the sky blue? Answer format: true/false", "true")
     });
-    let tasks = [Task::new("a", Family::Answer, 4).unwrap(), Task::new("b", Family::TrueFalse, 2).unwrap()];
+    let tasks = [
+        Task::new("a", Family::Answer, 4).unwrap(),
+        Task::new("b", Family::TrueFalse, 2).unwrap(),
+    ];
     let items: Vec<_> = recs
         .iter()
         .map(|r| {
-            let t = if r.answer.as_deref() == Some("true") { &tasks[1] } else { &tasks[0] };
-            let conts: Vec<String> = t.candidates_for(r).iter().map(|c| continuation(r, c)).collect();
+            let t = if r.answer.as_deref() == Some("true") {
+                &tasks[1]
+            } else {
+                &tasks[0]
+            };
+            let conts: Vec<String> = t
+                .candidates_for(r)
+                .iter()
+                .map(|c| continuation(r, c))
+                .collect();
             let prompt = eval_prompt(&r.instruction, Some(&r.input));
             let it = tokenize_candidates(&tok, &prompt, &conts).unwrap();
             // Context + continuation is exactly the joint tokenisation.
@@ -269,11 +340,18 @@ fn likelihood_batched_equals_naive() {
             max_diff = max_diff.max((x - y).abs());
         }
     }
-    println!("batched vs naive log-prob sums: max |diff| = {max_diff:.3e} over {} items", items.len());
+    println!(
+        "batched vs naive log-prob sums: max |diff| = {max_diff:.3e} over {} items",
+        items.len()
+    );
     assert!(max_diff < 1e-3);
     // Batch composition does not change a score.
     let alone = score_batch(&m, &items[2..3], 0).unwrap();
-    let d = alone[0].iter().zip(&batched[2]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let d = alone[0]
+        .iter()
+        .zip(&batched[2])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     println!("alone vs in batch: max |diff| = {d:.3e}");
     assert!(d < 1e-3);
 }
@@ -300,7 +378,13 @@ fn check_run(args: &[&str], out: &Path, tasks: &[(&str, usize)], mode: &str) -> 
                 "generate" => assert!(p["raw"].is_string(), "{p}"),
                 _ => {
                     let scores = p["raw"].as_object().unwrap();
-                    assert!(scores.len() >= 2 && scores.values().all(|v| v.as_f64().is_some_and(|x| x.is_finite() && x < 0.0)), "{p}");
+                    assert!(
+                        scores.len() >= 2
+                            && scores
+                                .values()
+                                .all(|v| v.as_f64().is_some_and(|x| x.is_finite() && x < 0.0)),
+                        "{p}"
+                    );
                     assert!(scores.contains_key(p["prediction"].as_str().unwrap()));
                 }
             }
@@ -334,24 +418,64 @@ fn cli_generate_and_likelihood_plumbing() {
         }
     }
     let model = golden("tiny-llama");
-    let mut args = vec!["--model", model.to_str().unwrap(), "--limit", "4", "--batch-size", "3", "--data"];
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--limit",
+        "4",
+        "--batch-size",
+        "3",
+        "--data",
+    ];
     args.extend(files.iter().map(String::as_str));
-    let g = check_run(&[args.as_slice(), &["--max-new-tokens", "6"]].concat(), &d.path().join("gen"), &tasks, "generate");
-    let b = check_run(&[args.as_slice(), &["--max-new-tokens", "6", "--num-beams", "2"]].concat(), &d.path().join("beam"), &tasks, "generate");
+    let g = check_run(
+        &[args.as_slice(), &["--max-new-tokens", "6"]].concat(),
+        &d.path().join("gen"),
+        &tasks,
+        "generate",
+    );
+    let b = check_run(
+        &[
+            args.as_slice(),
+            &["--max-new-tokens", "6", "--num-beams", "2"],
+        ]
+        .concat(),
+        &d.path().join("beam"),
+        &tasks,
+        "generate",
+    );
     assert_eq!(g.len(), b.len());
-    let l = check_run(&[args.as_slice(), &["--mode", "likelihood"]].concat(), &d.path().join("ll"), &tasks, "likelihood");
+    let l = check_run(
+        &[args.as_slice(), &["--mode", "likelihood"]].concat(),
+        &d.path().join("ll"),
+        &tasks,
+        "likelihood",
+    );
     // The mini ARC file offers 4 options per record.
     assert_eq!(l[0]["raw"].as_object().unwrap().len(), 4);
 }
 
 /// Likelihood scores of the first `n` predictions, flattened.
 fn scores(preds: &[Value]) -> Vec<f64> {
-    preds.iter().flat_map(|p| p["raw"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>()).collect()
+    preds
+        .iter()
+        .flat_map(|p| {
+            p["raw"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -359,7 +483,14 @@ fn adapters_and_merged_models_evaluate_consistently() {
     let d = tempfile::tempdir().unwrap();
     let arc = write_json(d.path(), "mini_arc.json", &arc_like(4, &[2, 1, 4]));
     let model = golden("tiny-llama");
-    let base_args = ["--model", model.to_str().unwrap(), "--mode", "likelihood", "--data", arc.to_str().unwrap()];
+    let base_args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--mode",
+        "likelihood",
+        "--data",
+        arc.to_str().unwrap(),
+    ];
     let tasks = [("mini_arc", 3)];
     let with = |adapter: Option<&Path>, m: Option<&Path>, out: &str| {
         let mut a: Vec<&str> = base_args.to_vec();
@@ -373,11 +504,25 @@ fn adapters_and_merged_models_evaluate_consistently() {
     };
     let base = with(None, None, "base");
     let lora = with(Some(&golden("tiny-lora")), None, "lora");
-    assert!(max_abs_diff(&base, &lora) > 1e-3, "the adapter changes nothing");
+    assert!(
+        max_abs_diff(&base, &lora) > 1e-3,
+        "the adapter changes nothing"
+    );
 
     // Base + PEFT adapter equals the merged Hugging Face directory.
     let merged = d.path().join("merged");
-    run(Cli::try_parse_from(["lora-dash", "merge", "--model", model.to_str().unwrap(), "--adapter", golden("tiny-lora").to_str().unwrap(), "--out", merged.to_str().unwrap()]).unwrap()).unwrap();
+    run(Cli::try_parse_from([
+        "lora-dash",
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        golden("tiny-lora").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ])
+    .unwrap())
+    .unwrap();
     let m = with(None, Some(&merged), "merged");
     let diff = max_abs_diff(&lora, &m);
     println!("base+LoRA vs merged: max |diff| = {diff:.3e}");
@@ -400,31 +545,71 @@ fn cli_rejects_bad_inputs_clearly() {
     let good = write_json(d.path(), "good.json", &arc_like(4, &[1, 2]));
     let good = good.to_str().unwrap();
 
-    let bad = write_json(d.path(), "weird.json", &[rec("q", "answer1"), rec("q", "maybe")]);
+    let bad = write_json(
+        d.path(),
+        "weird.json",
+        &[rec("q", "answer1"), rec("q", "maybe")],
+    );
     let e = run_cli(&["--model", model, "--data", bad.to_str().unwrap()]).unwrap_err();
     println!("unknown vocabulary: {e}");
-    assert!(matches!(&e, Error::Record { index: 1, .. }) && e.to_string().contains("weird.json") && e.to_string().contains("`maybe`"), "{e:?}");
+    assert!(
+        matches!(&e, Error::Record { index: 1, .. })
+            && e.to_string().contains("weird.json")
+            && e.to_string().contains("`maybe`"),
+        "{e:?}"
+    );
 
     let missing = d.path().join("nope.json");
     let e = run_cli(&["--model", model, "--data", missing.to_str().unwrap()]).unwrap_err();
     println!("missing file: {e}");
-    assert!(matches!(&e, Error::Io { path, .. } if path == &missing), "{e:?}");
+    assert!(
+        matches!(&e, Error::Io { path, .. } if path == &missing),
+        "{e:?}"
+    );
 
     // An existing --out is refused before the model is even read.
     let out = d.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    let e = run_cli(&["--model", "no/such-model-dir", "--data", good, "--out", out.to_str().unwrap()]).unwrap_err();
+    let e = run_cli(&[
+        "--model",
+        "no/such-model-dir",
+        "--data",
+        good,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap_err();
     println!("existing out: {e}");
     assert!(matches!(&e, Error::OutputExists(p) if p == &out), "{e:?}");
 
-    let e = run_cli(&["--model", model, "--data", good, "--mode", "likelihood", "--num-beams", "4"]).unwrap_err();
+    let e = run_cli(&[
+        "--model",
+        model,
+        "--data",
+        good,
+        "--mode",
+        "likelihood",
+        "--num-beams",
+        "4",
+    ])
+    .unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     let e = run_cli(&["--model", model, "--data", good, good]).unwrap_err();
     println!("duplicate: {e}");
     assert!(e.to_string().contains("distinct"), "{e}");
     let e = run_cli(&["--model", model, "--data", good, "--batch-size", "0"]).unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
-    assert!(Cli::try_parse_from(["lora-dash", "eval", "--model", model, "--data", good, "--mode", "guess"]).is_err());
+    assert!(Cli::try_parse_from([
+        "lora-dash",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        good,
+        "--mode",
+        "guess"
+    ])
+    .is_err());
     assert!(!d.path().join("out").join("results.json").exists());
 }
 
@@ -441,7 +626,14 @@ fn smollm2_arc_easy_matches_transformers() {
     let want = read_json(&golden("smollm2_eval_golden.json"));
     let arc = data.join("commonsense/ARC-Easy/test.json");
     let d = tempfile::tempdir().unwrap();
-    let base = ["--model", gguf.to_str().unwrap(), "--data", arc.to_str().unwrap(), "--limit", "8"];
+    let base = [
+        "--model",
+        gguf.to_str().unwrap(),
+        "--data",
+        arc.to_str().unwrap(),
+        "--limit",
+        "8",
+    ];
     let g = check_run(&base, &d.path().join("g"), &[("ARC-Easy", 8)], "generate");
     for (p, w) in g.iter().zip(want["responses"].as_array().unwrap()) {
         assert_eq!(&p["raw"], w, "record {}", p["index"]);
@@ -449,7 +641,12 @@ fn smollm2_arc_easy_matches_transformers() {
     let mut ll_args = base.to_vec();
     ll_args[5] = "4";
     ll_args.extend(["--mode", "likelihood"]);
-    let l = check_run(&ll_args, &d.path().join("l"), &[("ARC-Easy", 4)], "likelihood");
+    let l = check_run(
+        &ll_args,
+        &d.path().join("l"),
+        &[("ARC-Easy", 4)],
+        "likelihood",
+    );
     let mut max_diff = 0f64;
     for (p, w) in l.iter().zip(want["likelihood"].as_array().unwrap()) {
         let (got, w) = (p["raw"].as_object().unwrap(), w.as_object().unwrap());

@@ -23,7 +23,13 @@ pub struct DashLayer {
 }
 
 impl DashLayer {
-    pub fn new(lora: LoraLayer, u_s: Tensor, v_s: Tensor, indices: Vec<usize>, freeze_ab: bool) -> Result<Self> {
+    pub fn new(
+        lora: LoraLayer,
+        u_s: Tensor,
+        v_s: Tensor,
+        indices: Vec<usize>,
+        freeze_ab: bool,
+    ) -> Result<Self> {
         let s = indices.len();
         let c = Var::from_tensor(&Tensor::zeros(s, DType::F32, &Device::Cpu)?)?;
         Ok(DashLayer {
@@ -49,7 +55,10 @@ impl DashLayer {
 
     /// U_s·diag(c)·V_sᵀ, (out, in).
     pub fn dash_delta(&self) -> Result<Tensor> {
-        Ok(self.u_s.broadcast_mul(self.c.as_tensor())?.matmul(&self.v_s.t()?)?)
+        Ok(self
+            .u_s
+            .broadcast_mul(self.c.as_tensor())?
+            .matmul(&self.v_s.t()?)?)
     }
 
     /// The whole update: s·B·A + U_s·diag(c)·V_sᵀ.

@@ -46,19 +46,36 @@ mod tests {
         let f = FullDelta::zeros(i, o).unwrap();
         let d0 = Tensor::from_vec(rng.uniform_vec(o * i, -0.5, 0.5), (o, i), &Device::Cpu).unwrap();
         f.delta.set(&d0).unwrap();
-        let loss = |f: &FullDelta| -> Tensor { (f.delta_forward(&x).unwrap() * &g).unwrap().sqr().unwrap().sum_all().unwrap() };
+        let loss = |f: &FullDelta| -> Tensor {
+            (f.delta_forward(&x).unwrap() * &g)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         let grads = loss(&f).backward().unwrap();
-        let ga: Vec<f32> = grads.get(f.delta.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ga: Vec<f32> = grads
+            .get(f.delta.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f32> = d0.flatten_all().unwrap().to_vec1().unwrap();
         let eps = 1e-2f32;
         let mut max = 0f32;
         for k in [0, 7, o * i - 1] {
             let mut p = base.clone();
             p[k] += eps;
-            f.delta.set(&Tensor::from_vec(p.clone(), (o, i), &Device::Cpu).unwrap()).unwrap();
+            f.delta
+                .set(&Tensor::from_vec(p.clone(), (o, i), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = loss(&f).to_scalar::<f32>().unwrap();
             p[k] -= 2.0 * eps;
-            f.delta.set(&Tensor::from_vec(p, (o, i), &Device::Cpu).unwrap()).unwrap();
+            f.delta
+                .set(&Tensor::from_vec(p, (o, i), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = loss(&f).to_scalar::<f32>().unwrap();
             let fd = (lp - lm) / (2.0 * eps);
             max = max.max((fd - ga[k]).abs() / fd.abs().max(1e-2));

@@ -18,9 +18,20 @@ pub struct LoraLayer {
 
 impl LoraLayer {
     /// PEFT's default init: A ~ U(-1/√in, 1/√in) (kaiming_uniform with a=√5), B = 0.
-    pub fn init(in_dim: usize, out_dim: usize, r: usize, scale: f64, dropout: f32, rng: &mut Rng) -> Result<Self> {
+    pub fn init(
+        in_dim: usize,
+        out_dim: usize,
+        r: usize,
+        scale: f64,
+        dropout: f32,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         let bound = 1.0 / (in_dim as f32).sqrt();
-        let a = Tensor::from_vec(rng.uniform_vec(r * in_dim, -bound, bound), (r, in_dim), &Device::Cpu)?;
+        let a = Tensor::from_vec(
+            rng.uniform_vec(r * in_dim, -bound, bound),
+            (r, in_dim),
+            &Device::Cpu,
+        )?;
         let b = Tensor::zeros((out_dim, r), candle_core::DType::F32, &Device::Cpu)?;
         Ok(LoraLayer {
             a: Var::from_tensor(&a)?,

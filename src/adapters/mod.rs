@@ -88,7 +88,10 @@ impl Adapter {
     /// Trainable tensors named as in PEFT's state dict, relative to the layer path.
     pub fn vars(&self) -> Vec<(&'static str, Var)> {
         match self {
-            Adapter::Lora(l) => vec![("lora_A.weight", l.a.clone()), ("lora_B.weight", l.b.clone())],
+            Adapter::Lora(l) => vec![
+                ("lora_A.weight", l.a.clone()),
+                ("lora_B.weight", l.b.clone()),
+            ],
             Adapter::Dash(d) => {
                 let mut v = Vec::with_capacity(3);
                 if !d.freeze_ab {

@@ -26,10 +26,16 @@ impl TargetModules {
             return Ok(TargetModules::Pattern(spec.into()));
         }
         if spec.chars().any(|c| "*()[]|^$\\+?{}".contains(c)) {
-            regex::Regex::new(&format!("^(?:{spec})$")).map_err(|e| Error::config("target_modules", format!("invalid regex: {e}")))?;
+            regex::Regex::new(&format!("^(?:{spec})$"))
+                .map_err(|e| Error::config("target_modules", format!("invalid regex: {e}")))?;
             return Ok(TargetModules::Pattern(spec.into()));
         }
-        Ok(TargetModules::Names(spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()))
+        Ok(TargetModules::Names(
+            spec.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ))
     }
 
     /// A matcher over module paths such as `model.layers.3.self_attn.q_proj`.
@@ -38,7 +44,8 @@ impl TargetModules {
             TargetModules::Names(n) => Matcher::Names(n.clone()),
             TargetModules::Pattern(p) if p == "all-linear" => Matcher::AllLinear,
             TargetModules::Pattern(p) => Matcher::Regex(
-                regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| Error::config("target_modules", format!("invalid regex: {e}")))?,
+                regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| Error::config("target_modules", format!("invalid regex: {e}")))?,
             ),
         })
     }
@@ -60,7 +67,9 @@ pub enum Matcher {
 impl Matcher {
     pub fn matches(&self, path: &str) -> bool {
         match self {
-            Matcher::Names(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+            Matcher::Names(names) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
             Matcher::Regex(r) => r.is_match(path),
             Matcher::AllLinear => path != "lm_head" && !path.ends_with(".lm_head"),
         }
@@ -75,11 +84,20 @@ mod tests {
     fn names_regex_and_all_linear() {
         let q = "model.layers.0.self_attn.q_proj";
         let up = "model.layers.1.mlp.up_proj";
-        let m = TargetModules::parse("q_proj, v_proj").unwrap().matcher().unwrap();
+        let m = TargetModules::parse("q_proj, v_proj")
+            .unwrap()
+            .matcher()
+            .unwrap();
         assert!(m.matches(q) && !m.matches(up) && !m.matches("model.layers.0.self_attn.xq_proj"));
-        let m = TargetModules::parse(r".*\.layers\.1\..*_proj").unwrap().matcher().unwrap();
+        let m = TargetModules::parse(r".*\.layers\.1\..*_proj")
+            .unwrap()
+            .matcher()
+            .unwrap();
         assert!(!m.matches(q) && m.matches(up));
-        let m = TargetModules::parse("all-linear").unwrap().matcher().unwrap();
+        let m = TargetModules::parse("all-linear")
+            .unwrap()
+            .matcher()
+            .unwrap();
         assert!(m.matches(q) && m.matches(up) && !m.matches("lm_head"));
         assert!(TargetModules::parse("(").is_err());
         assert!(TargetModules::parse(" ").is_err());

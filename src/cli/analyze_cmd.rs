@@ -13,7 +13,9 @@ use crate::io::atomic::{write_file, StagedDir};
 use crate::io::weights::save_tensors;
 use crate::models::Llama;
 use crate::tsd::analysis::{analyze, load_deltas, Analysis, DeltaSource, Spectra};
-use crate::tsd::plots::{plot_delta_spectrum, plot_overlap, plot_tsd_heatmap, HeatRow, SpectrumSeries};
+use crate::tsd::plots::{
+    plot_delta_spectrum, plot_overlap, plot_tsd_heatmap, HeatRow, SpectrumSeries,
+};
 use crate::tsd::svd::{default_cache_dir, SvdCache};
 
 pub const ANALYSIS_FILE: &str = "analysis.json";
@@ -59,12 +61,19 @@ pub struct AnalyzeArgs {
     pub overwrite: bool,
 }
 
-fn one_source(adapter: &Option<PathBuf>, finetuned: &Option<String>, what: &str) -> Result<Option<DeltaSource>> {
+fn one_source(
+    adapter: &Option<PathBuf>,
+    finetuned: &Option<String>,
+    what: &str,
+) -> Result<Option<DeltaSource>> {
     match (adapter, finetuned) {
         (Some(a), None) => Ok(Some(DeltaSource::Adapter(a.clone()))),
         (None, Some(f)) => Ok(Some(DeltaSource::Finetuned(f.clone()))),
         (None, None) => Ok(None),
-        (Some(_), Some(_)) => Err(Error::config(what, "give either an adapter or a fine-tuned model, not both")),
+        (Some(_), Some(_)) => Err(Error::config(
+            what,
+            "give either an adapter or a fine-tuned model, not both",
+        )),
     }
 }
 
@@ -77,7 +86,10 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
         return Err(Error::config("s", "must be at least 1"));
     }
     let plot_re = match &args.plot_layers {
-        Some(p) => Some(regex::Regex::new(p).map_err(|e| Error::config("plot_layers", format!("invalid regex: {e}")))?),
+        Some(p) => Some(
+            regex::Regex::new(p)
+                .map_err(|e| Error::config("plot_layers", format!("invalid regex: {e}")))?,
+        ),
         None => None,
     };
     if args.out.exists() && !args.overwrite {
@@ -87,36 +99,66 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
     let cfg = loaded.config.resolve()?;
     let base = Llama::load(&cfg, &loaded.weights)?;
     let primary = load_deltas(&cfg, &loaded.weights, &source)?;
-    let second = compare.as_ref().map(|c| load_deltas(&cfg, &loaded.weights, c)).transpose()?;
+    let second = compare
+        .as_ref()
+        .map(|c| load_deltas(&cfg, &loaded.weights, c))
+        .transpose()?;
     drop(loaded);
 
     let n_jobs = match &second {
-        Some(c) => primary.layers.iter().filter(|(n, _)| c.layers.iter().any(|(m, _)| m == n)).count(),
+        Some(c) => primary
+            .layers
+            .iter()
+            .filter(|(n, _)| c.layers.iter().any(|(m, _)| m == n))
+            .count(),
         None => primary.layers.len(),
     };
     if let Some(re) = &plot_re {
         if !primary.layers.iter().any(|(n, _)| re.is_match(n)) {
             return Err(Error::config(
                 "plot_layers",
-                format!("`{re}` matches none of the {} analysed layers (e.g. `{}`)", n_jobs, primary.layers.first().map(|l| l.0.as_str()).unwrap_or("")),
+                format!(
+                    "`{re}` matches none of the {} analysed layers (e.g. `{}`)",
+                    n_jobs,
+                    primary.layers.first().map(|l| l.0.as_str()).unwrap_or("")
+                ),
             ));
         }
     }
     let bar = indicatif::ProgressBar::new(n_jobs as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] layer {pos}/{len} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] layer {pos}/{len} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let cache = SvdCache::new(default_cache_dir());
-    let (analysis, spectra) = analyze(&args.model, &base, &primary, second.as_ref(), args.s, &cache, Some(&bar))?;
+    let (analysis, spectra) = analyze(
+        &args.model,
+        &base,
+        &primary,
+        second.as_ref(),
+        args.s,
+        &cache,
+        Some(&bar),
+    )?;
     bar.finish_and_clear();
 
     let stage = StagedDir::new(&args.out, args.overwrite)?;
-    write_file(&stage.join(ANALYSIS_FILE), serde_json::to_string_pretty(&analysis)?.as_bytes())?;
+    write_file(
+        &stage.join(ANALYSIS_FILE),
+        serde_json::to_string_pretty(&analysis)?.as_bytes(),
+    )?;
     write_file(&stage.join(LAYERS_FILE), layers_csv(&analysis).as_bytes())?;
     write_spectra(&spectra, &stage.join(SPECTRA_FILE))?;
-    write_plots(&analysis, &spectra, plot_re.as_ref(), args.bins, stage.path())?;
+    write_plots(
+        &analysis,
+        &spectra,
+        plot_re.as_ref(),
+        args.bins,
+        stage.path(),
+    )?;
     stage.commit()?;
     print_summary(&analysis, &args.out);
     Ok(analysis)
@@ -131,7 +173,10 @@ fn fmt(x: f64) -> String {
 }
 
 fn join(idx: &[usize]) -> String {
-    idx.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(";")
+    idx.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// One row per layer; index lists are `;`-separated.
@@ -179,56 +224,122 @@ pub fn layers_csv(a: &Analysis) -> String {
 
 fn write_spectra(sp: &Spectra, path: &Path) -> Result<()> {
     let mut tensors = Vec::new();
-    for (suffix, map) in [("sigma", &sp.sigma), ("delta", &sp.delta), ("compare_delta", &sp.compare_delta)] {
+    for (suffix, map) in [
+        ("sigma", &sp.sigma),
+        ("delta", &sp.delta),
+        ("compare_delta", &sp.compare_delta),
+    ] {
         for (layer, v) in map {
-            tensors.push((format!("{layer}.{suffix}"), Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?));
+            tensors.push((
+                format!("{layer}.{suffix}"),
+                Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?,
+            ));
         }
     }
     save_tensors(tensors.iter().map(|(n, t)| (n.as_str(), t)), path, None)
 }
 
-fn write_plots(a: &Analysis, sp: &Spectra, re: Option<&regex::Regex>, bins: usize, dir: &Path) -> Result<()> {
+fn write_plots(
+    a: &Analysis,
+    sp: &Spectra,
+    re: Option<&regex::Regex>,
+    bins: usize,
+    dir: &Path,
+) -> Result<()> {
     let chosen: Vec<usize> = match re {
-        Some(re) => (0..a.layers.len()).filter(|&i| re.is_match(&a.layers[i].layer)).collect(),
+        Some(re) => (0..a.layers.len())
+            .filter(|&i| re.is_match(&a.layers[i].layer))
+            .collect(),
         None => {
             let n = a.layers.len();
             let m = DEFAULT_PLOTS.min(n);
-            let mut v: Vec<usize> = (0..m).map(|j| if m > 1 { j * (n - 1) / (m - 1) } else { 0 }).collect();
+            let mut v: Vec<usize> = (0..m)
+                .map(|j| if m > 1 { j * (n - 1) / (m - 1) } else { 0 })
+                .collect();
             v.dedup();
             v
         }
     };
     let src_label = format!("{} (source)", a.source.kind);
-    let cmp_label = a.compare.as_ref().map(|c| format!("{} (compare)", c.kind)).unwrap_or_default();
+    let cmp_label = a
+        .compare
+        .as_ref()
+        .map(|c| format!("{} (compare)", c.kind))
+        .unwrap_or_default();
     let empty: Vec<f32> = Vec::new();
     for i in chosen {
         let l = &a.layers[i];
-        let mut series = vec![SpectrumSeries { label: &src_label, delta: sp.delta.get(&l.layer).unwrap_or(&empty), tsd: &l.source.indices }];
+        let mut series = vec![SpectrumSeries {
+            label: &src_label,
+            delta: sp.delta.get(&l.layer).unwrap_or(&empty),
+            tsd: &l.source.indices,
+        }];
         if let Some(c) = &l.compare {
-            series.push(SpectrumSeries { label: &cmp_label, delta: sp.compare_delta.get(&l.layer).unwrap_or(&empty), tsd: &c.indices });
+            series.push(SpectrumSeries {
+                label: &cmp_label,
+                delta: sp.compare_delta.get(&l.layer).unwrap_or(&empty),
+                tsd: &c.indices,
+            });
         }
-        plot_delta_spectrum(&dir.join(format!("delta_{}.png", l.layer)), &l.layer, &series)?;
+        plot_delta_spectrum(
+            &dir.join(format!("delta_{}.png", l.layer)),
+            &l.layer,
+            &series,
+        )?;
     }
     let rows: Vec<HeatRow<'_>> = a
         .layers
         .iter()
-        .map(|l| HeatRow { layer: &l.layer, tsd: &l.source.indices, delta: sp.delta.get(&l.layer).unwrap_or(&empty) })
+        .map(|l| HeatRow {
+            layer: &l.layer,
+            tsd: &l.source.indices,
+            delta: sp.delta.get(&l.layer).unwrap_or(&empty),
+        })
         .collect();
-    plot_tsd_heatmap(&dir.join("tsd_heatmap.png"), &format!("where the TSD of {} sit (s = {})", a.source.label, a.s), &rows, bins)?;
+    plot_tsd_heatmap(
+        &dir.join("tsd_heatmap.png"),
+        &format!("where the TSD of {} sit (s = {})", a.source.label, a.s),
+        &rows,
+        bins,
+    )?;
     if let Some(c) = &a.compare {
         let rows: Vec<HeatRow<'_>> = a
             .layers
             .iter()
             .filter_map(|l| {
-                l.compare.as_ref().map(|cs| HeatRow { layer: &l.layer, tsd: &cs.indices, delta: sp.compare_delta.get(&l.layer).unwrap_or(&empty) })
+                l.compare.as_ref().map(|cs| HeatRow {
+                    layer: &l.layer,
+                    tsd: &cs.indices,
+                    delta: sp.compare_delta.get(&l.layer).unwrap_or(&empty),
+                })
             })
             .collect();
-        plot_tsd_heatmap(&dir.join("compare_tsd_heatmap.png"), &format!("where the TSD of {} sit (s = {})", c.label, a.s), &rows, bins)?;
+        plot_tsd_heatmap(
+            &dir.join("compare_tsd_heatmap.png"),
+            &format!("where the TSD of {} sit (s = {})", c.label, a.s),
+            &rows,
+            bins,
+        )?;
         let names: Vec<String> = a.layers.iter().map(|l| l.layer.clone()).collect();
-        let ov: Vec<f64> = a.layers.iter().map(|l| l.agreement.as_ref().map_or(f64::NAN, |g| g.overlap)).collect();
-        let rho: Vec<f64> = a.layers.iter().map(|l| l.agreement.as_ref().map_or(f64::NAN, |g| g.spearman)).collect();
+        let ov: Vec<f64> = a
+            .layers
+            .iter()
+            .map(|l| l.agreement.as_ref().map_or(f64::NAN, |g| g.overlap))
+            .collect();
+        let rho: Vec<f64> = a
+            .layers
+            .iter()
+            .map(|l| l.agreement.as_ref().map_or(f64::NAN, |g| g.spearman))
+            .collect();
         let null: Vec<f64> = a.layers.iter().map(|l| l.source.null_overlap).collect();
-        plot_overlap(&dir.join("overlap.png"), &names, &ov, &rho, &null, a.summary.chance_overlap.unwrap_or(f64::NAN))?;
+        plot_overlap(
+            &dir.join("overlap.png"),
+            &names,
+            &ov,
+            &rho,
+            &null,
+            a.summary.chance_overlap.unwrap_or(f64::NAN),
+        )?;
     }
     Ok(())
 }
@@ -251,7 +362,9 @@ fn print_summary(a: &Analysis, out: &Path) {
         s.mean_null_concentration,
         s.source.mean_null_overlap
     );
-    if let (Some(c), Some(o), Some(j), Some(r)) = (&s.compare, s.mean_overlap, s.mean_jaccard, s.mean_spearman) {
+    if let (Some(c), Some(o), Some(j), Some(r)) =
+        (&s.compare, s.mean_overlap, s.mean_jaccard, s.mean_spearman)
+    {
         println!(
             "compare: TSD at mean percentile {:.1}, concentration {:.3}; |∩|/s = {:.3} (chance s/k {:.3}, \
              isotropic-ΔW baseline {:.3} / {:.3}), Jaccard {:.3}, Spearman ρ of δ {:.3}, of |uᵀΔWv| {:.3}",
@@ -267,7 +380,10 @@ fn print_summary(a: &Analysis, out: &Path) {
         );
     }
     if !a.unmatched_layers.is_empty() {
-        println!("{} layers changed by only one source were left out", a.unmatched_layers.len());
+        println!(
+            "{} layers changed by only one source were left out",
+            a.unmatched_layers.len()
+        );
     }
     println!("wrote {}", out.display());
 }

@@ -61,15 +61,30 @@ pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result
     Ok(())
 }
 
-pub fn generate(model: &str, adapter: Option<&Path>, prompts: &[String], alpaca: bool, max_new_tokens: usize) -> Result<()> {
+pub fn generate(
+    model: &str,
+    adapter: Option<&Path>,
+    prompts: &[String],
+    alpaca: bool,
+    max_new_tokens: usize,
+) -> Result<()> {
     if prompts.is_empty() {
         return Err(Error::config("prompt", "give at least one --prompt"));
     }
     let (loaded, m) = load_with_adapter(model, adapter)?;
-    let tok = loaded.tokenizer.as_ref().ok_or_else(|| Error::format(&loaded.path, "no tokenizer found"))?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| Error::format(&loaded.path, "no tokenizer found"))?;
     let texts: Vec<String> = prompts
         .iter()
-        .map(|p| if alpaca { crate::data::alpaca::eval_prompt(p, None) } else { p.clone() })
+        .map(|p| {
+            if alpaca {
+                crate::data::alpaca::eval_prompt(p, None)
+            } else {
+                p.clone()
+            }
+        })
         .collect();
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect::<Result<_>>()?;
     let mut eos = m.cfg.eos_token_ids.clone();
@@ -95,14 +110,26 @@ pub fn bench(mut args: TrainArgs, skip: usize) -> Result<()> {
     }
     let cfg = args.resolve()?;
     if cfg.max_steps.unwrap_or(0) <= skip {
-        return Err(Error::config("max_steps", format!("must exceed --skip ({skip})")));
+        return Err(Error::config(
+            "max_steps",
+            format!("must exceed --skip ({skip})"),
+        ));
     }
     let s = crate::train::trainer::train(&cfg)?;
-    let recs = crate::train::metrics::read_records(&cfg.out.join(crate::train::trainer::METRICS_FILE))?;
+    let recs =
+        crate::train::metrics::read_records(&cfg.out.join(crate::train::trainer::METRICS_FILE))?;
     let timed: Vec<_> = recs.iter().filter(|r| r.step > skip).collect();
-    let tokens: f64 = timed.iter().filter_map(|r| r.extra.get("tokens").and_then(|v| v.as_f64())).sum();
-    let secs: f64 = timed.iter().filter_map(|r| r.extra.get("step_s").and_then(|v| v.as_f64())).sum();
-    let switch = recs.iter().find_map(|r| r.extra.get("dash_switch").cloned());
+    let tokens: f64 = timed
+        .iter()
+        .filter_map(|r| r.extra.get("tokens").and_then(|v| v.as_f64()))
+        .sum();
+    let secs: f64 = timed
+        .iter()
+        .filter_map(|r| r.extra.get("step_s").and_then(|v| v.as_f64()))
+        .sum();
+    let switch = recs
+        .iter()
+        .find_map(|r| r.extra.get("dash_switch").cloned());
     let out = serde_json::json!({
         "dash_switch": switch,
         "method": cfg.method.name(),

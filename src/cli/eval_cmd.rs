@@ -65,11 +65,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         tasks.push((task, recs));
     }
-    report::check_names(tasks.iter().map(|(t, _)| t.name.as_str()).zip(args.data.iter().map(PathBuf::as_path)))?;
-    let staged = args.out.as_deref().map(|o| StagedDir::new(o, args.overwrite)).transpose()?;
+    report::check_names(
+        tasks
+            .iter()
+            .map(|(t, _)| t.name.as_str())
+            .zip(args.data.iter().map(PathBuf::as_path)),
+    )?;
+    let staged = args
+        .out
+        .as_deref()
+        .map(|o| StagedDir::new(o, args.overwrite))
+        .transpose()?;
 
     let (loaded, model) = load_with_adapter(&args.model, args.adapter.as_deref())?;
-    let tok = loaded.tokenizer.as_ref().ok_or_else(|| Error::format(&loaded.path, "no tokenizer found"))?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| Error::format(&loaded.path, "no tokenizer found"))?;
 
     let mut reports = Vec::new();
     for (task, recs) in &tasks {
@@ -85,7 +97,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         reports.push(r);
     }
     print!("{}", report::table(&reports));
-    println!("{}", serde_json::to_string_pretty(&report::results_json(&reports))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report::results_json(&reports))?
+    );
     if let Some(s) = staged {
         report::write_outputs(s.path(), &reports)?;
         let dir = s.commit()?;

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 pub use train_args::TrainArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "lora-dash", version, about = "LoRA and LoRA-Dash fine-tuning of Hugging Face models")]
+#[command(
+    name = "lora-dash",
+    version,
+    about = "LoRA and LoRA-Dash fine-tuning of Hugging Face models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -79,7 +83,11 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Analyze(args) => analyze_cmd::run(&args).map(|_| ()),
         Command::Eval(args) => eval_cmd::eval(args),
         Command::Bench { args, skip } => commands::bench(args, skip),
-        Command::Convert { model, out, overwrite } => commands::convert(&model, &out, overwrite),
+        Command::Convert {
+            model,
+            out,
+            overwrite,
+        } => commands::convert(&model, &out, overwrite),
         Command::Merge {
             model,
             adapter,

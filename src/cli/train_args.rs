@@ -119,9 +119,15 @@ impl TrainArgs {
     /// Reads a TOML run config; keys may use `-` or `_`.
     pub fn from_toml(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
-        let value: toml::Table = toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
-        let normalised: toml::Table = value.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
-        let args: TrainArgs = normalised.try_into().map_err(|e| Error::format(path, format!("{e}")))?;
+        let value: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
+        let normalised: toml::Table = value
+            .into_iter()
+            .map(|(k, v)| (k.replace('-', "_"), v))
+            .collect();
+        let args: TrainArgs = normalised
+            .try_into()
+            .map_err(|e| Error::format(path, format!("{e}")))?;
         // Relative data paths in the config are relative to the config file.
         Ok(args)
     }
@@ -131,9 +137,41 @@ impl TrainArgs {
         if let Some(path) = self.config.clone() {
             let file = TrainArgs::from_toml(&path)?;
             merge_fields!(
-                self, file, model, data, out, method, dash_t, dash_s, dash_freeze_ab, rank, alpha, dropout, use_rslora, target_modules, lr, batch_size, grad_accum,
-                max_steps, epochs, cutoff_len, warmup_steps, schedule, weight_decay, beta1, beta2, adam_eps, max_grad_norm,
-                val_set_size, eval_every, save_every, seed, train_on_inputs, max_records, overwrite, resume
+                self,
+                file,
+                model,
+                data,
+                out,
+                method,
+                dash_t,
+                dash_s,
+                dash_freeze_ab,
+                rank,
+                alpha,
+                dropout,
+                use_rslora,
+                target_modules,
+                lr,
+                batch_size,
+                grad_accum,
+                max_steps,
+                epochs,
+                cutoff_len,
+                warmup_steps,
+                schedule,
+                weight_decay,
+                beta1,
+                beta2,
+                adam_eps,
+                max_grad_norm,
+                val_set_size,
+                eval_every,
+                save_every,
+                seed,
+                train_on_inputs,
+                max_records,
+                overwrite,
+                resume
             );
         }
         Ok(self)
@@ -145,7 +183,10 @@ impl TrainArgs {
         let method = match a.method.as_deref().unwrap_or("lora") {
             "lora" => {
                 if a.dash_t.is_some() || a.dash_s.is_some() || a.dash_freeze_ab.is_some() {
-                    return Err(Error::config("method", "dash_t / dash_s / dash_freeze_ab need --method dash"));
+                    return Err(Error::config(
+                        "method",
+                        "dash_t / dash_s / dash_freeze_ab need --method dash",
+                    ));
                 }
                 Method::Lora
             }
@@ -159,29 +200,52 @@ impl TrainArgs {
             }
             "full" => {
                 if a.dash_t.is_some() || a.dash_s.is_some() || a.dash_freeze_ab.is_some() {
-                    return Err(Error::config("method", "dash_t / dash_s / dash_freeze_ab need --method dash"));
+                    return Err(Error::config(
+                        "method",
+                        "dash_t / dash_s / dash_freeze_ab need --method dash",
+                    ));
                 }
                 Method::Full
             }
-            m => return Err(Error::config("method", format!("unknown method `{m}` (expected lora, dash or full)"))),
+            m => {
+                return Err(Error::config(
+                    "method",
+                    format!("unknown method `{m}` (expected lora, dash or full)"),
+                ))
+            }
         };
         let schedule = match a.schedule.as_deref().unwrap_or("linear") {
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
             "constant" => ScheduleKind::Constant,
-            s => return Err(Error::config("schedule", format!("unknown schedule `{s}` (linear, cosine, constant)"))),
+            s => {
+                return Err(Error::config(
+                    "schedule",
+                    format!("unknown schedule `{s}` (linear, cosine, constant)"),
+                ))
+            }
         };
         let lora = LoraConfig {
             r: a.rank.unwrap_or(8),
             alpha: a.alpha.unwrap_or(16.0),
             dropout: a.dropout.unwrap_or(0.05),
             use_rslora: a.use_rslora.unwrap_or(false),
-            target_modules: TargetModules::parse(a.target_modules.as_deref().unwrap_or("q_proj,k_proj,v_proj,up_proj,down_proj"))?,
+            target_modules: TargetModules::parse(
+                a.target_modules
+                    .as_deref()
+                    .unwrap_or("q_proj,k_proj,v_proj,up_proj,down_proj"),
+            )?,
         };
         let cfg = TrainConfig {
-            model: a.model.ok_or_else(|| Error::config("model", "is required (--model)"))?,
-            data: a.data.ok_or_else(|| Error::config("data", "is required (--data)"))?,
-            out: a.out.ok_or_else(|| Error::config("out", "is required (--out)"))?,
+            model: a
+                .model
+                .ok_or_else(|| Error::config("model", "is required (--model)"))?,
+            data: a
+                .data
+                .ok_or_else(|| Error::config("data", "is required (--data)"))?,
+            out: a
+                .out
+                .ok_or_else(|| Error::config("out", "is required (--out)"))?,
             method,
             lora,
             lr: a.lr.unwrap_or(3e-4),
@@ -196,7 +260,14 @@ impl TrainArgs {
             cutoff_len: a.cutoff_len.unwrap_or(256),
             warmup_steps: a.warmup_steps.unwrap_or(0),
             schedule,
-            max_grad_norm: a.max_grad_norm.filter(|&g| g > 0.0).or(if a.max_grad_norm.is_some() { None } else { Some(1.0) }),
+            max_grad_norm: a
+                .max_grad_norm
+                .filter(|&g| g > 0.0)
+                .or(if a.max_grad_norm.is_some() {
+                    None
+                } else {
+                    Some(1.0)
+                }),
             val_set_size: a.val_set_size.unwrap_or(0),
             eval_every: a.eval_every.unwrap_or(0),
             save_every: a.save_every.unwrap_or(0),

@@ -23,12 +23,19 @@ pub struct Candidates {
 }
 
 /// Tokenises `prompt + c` for every continuation `c` and splits off the common context.
-pub fn tokenize_candidates(tok: &TextTokenizer, prompt: &str, continuations: &[String]) -> Result<Candidates> {
+pub fn tokenize_candidates(
+    tok: &TextTokenizer,
+    prompt: &str,
+    continuations: &[String],
+) -> Result<Candidates> {
     if continuations.is_empty() {
         return Err(Error::msg("no candidate continuation to score"));
     }
     let prompt_ids = tok.encode(prompt)?;
-    let full: Vec<Vec<u32>> = continuations.iter().map(|c| tok.encode(&format!("{prompt}{c}"))).collect::<Result<_>>()?;
+    let full: Vec<Vec<u32>> = continuations
+        .iter()
+        .map(|c| tok.encode(&format!("{prompt}{c}")))
+        .collect::<Result<_>>()?;
     let mut shared = prompt_ids.len();
     for f in &full {
         let common = prompt_ids.iter().zip(f).take_while(|(a, b)| a == b).count();
@@ -46,7 +53,10 @@ pub fn tokenize_candidates(tok: &TextTokenizer, prompt: &str, continuations: &[S
 
 /// Sum of log P(token) over `targets`, where row `j` of `logp` is the distribution of `targets[j]`.
 fn gather_sum(rows: &[Vec<f32>], targets: &[u32]) -> f64 {
-    rows.iter().zip(targets).map(|(r, &t)| r[t as usize] as f64).sum()
+    rows.iter()
+        .zip(targets)
+        .map(|(r, &t)| r[t as usize] as f64)
+        .sum()
 }
 
 /// Scores of every candidate of every item, batched: one prefill of the left-padded contexts,
@@ -60,8 +70,15 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
         if it.continuations.iter().any(|c| c.is_empty()) {
             return Err(Error::msg("empty candidate continuation"));
         }
-        if let Some(&bad) = it.context.iter().chain(it.continuations.iter().flatten()).find(|&&t| t as usize >= v) {
-            return Err(Error::msg(format!("token id {bad} is outside the model's vocabulary of {v}")));
+        if let Some(&bad) = it
+            .context
+            .iter()
+            .chain(it.continuations.iter().flatten())
+            .find(|&&t| t as usize >= v)
+        {
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the model's vocabulary of {v}"
+            )));
         }
     }
     let dev = Device::Cpu;
@@ -75,8 +92,15 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
     let mask = Tensor::from_vec(lp.mask.clone(), (b, t), &dev)?;
     let pos = Tensor::from_vec(lp.positions, (b, t), &dev)?;
     let h = model.forward_hidden(&ids, Some(&mask), Some(&pos), Some(&mut cache), &ctx)?;
-    let last = model.logits(&h.narrow(1, t - 1, 1)?, &ctx)?.to_dtype(DType::F32)?; // (b, 1, v)
-    let first: Vec<Vec<f32>> = last.flatten_all()?.to_vec1::<f32>()?.chunks(v).map(log_softmax_row).collect();
+    let last = model
+        .logits(&h.narrow(1, t - 1, 1)?, &ctx)?
+        .to_dtype(DType::F32)?; // (b, 1, v)
+    let first: Vec<Vec<f32>> = last
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .chunks(v)
+        .map(log_softmax_row)
+        .collect();
 
     // One row per (item, candidate); row r continues the cache of item owner[r].
     let mut owner = Vec::new();
@@ -88,12 +112,20 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
         }
     }
     let rows = owner.len();
-    let mut scores: Vec<f64> = conts.iter().zip(&owner).map(|(c, &i)| first[i][c[0] as usize] as f64).collect();
+    let mut scores: Vec<f64> = conts
+        .iter()
+        .zip(&owner)
+        .map(|(c, &i)| first[i][c[0] as usize] as f64)
+        .collect();
 
     // Feed every continuation but its last token: position j predicts token j+1.
     let w = conts.iter().map(|c| c.len() - 1).max().unwrap_or(0);
     if w > 0 {
-        let sel = Tensor::from_vec(owner.iter().map(|&i| i as u32).collect::<Vec<_>>(), rows, &dev)?;
+        let sel = Tensor::from_vec(
+            owner.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            rows,
+            &dev,
+        )?;
         cache.select_rows(&sel)?;
         let s = t + w;
         let mut ids = Vec::with_capacity(rows * w);
@@ -101,7 +133,12 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
         let mut pos = Vec::with_capacity(rows * w);
         for (c, &i) in conts.iter().zip(&owner) {
             let n = c.len() - 1;
-            ids.extend(c[..n].iter().copied().chain(std::iter::repeat_n(pad_id, w - n)));
+            ids.extend(
+                c[..n]
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_id, w - n)),
+            );
             m.extend_from_slice(&lp.mask[i * t..(i + 1) * t]);
             m.extend(std::iter::repeat_n(1f32, n).chain(std::iter::repeat_n(0f32, w - n)));
             pos.extend((0..w).map(|j| (lp.lens[i] + j) as u32));
@@ -110,11 +147,17 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
         let m = Tensor::from_vec(m, (rows, s), &dev)?;
         let pos = Tensor::from_vec(pos, (rows, w), &dev)?;
         let h = model.forward_hidden(&ids, Some(&m), Some(&pos), Some(&mut cache), &ctx)?; // (rows, w, e)
-        let logits: Vec<f32> = model.logits(&h, &ctx)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?; // rows·w·v
+        let logits: Vec<f32> = model
+            .logits(&h, &ctx)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?; // rows·w·v
         for (r, c) in conts.iter().enumerate() {
             let n = c.len() - 1;
             let base = r * w * v;
-            let lps: Vec<Vec<f32>> = (0..n).map(|j| log_softmax_row(&logits[base + j * v..base + (j + 1) * v])).collect();
+            let lps: Vec<Vec<f32>> = (0..n)
+                .map(|j| log_softmax_row(&logits[base + j * v..base + (j + 1) * v]))
+                .collect();
             scores[r] += gather_sum(&lps, &c[1..]);
         }
     }
@@ -141,9 +184,12 @@ pub fn score_naive(model: &Llama, item: &Candidates) -> Result<Vec<f64>> {
         .map(|c| {
             let ids: Vec<u32> = item.context.iter().chain(c).copied().collect();
             let n = ids.len();
-            let logits = model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, &ctx)?; // (1, n, v)
+            let logits =
+                model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, &ctx)?; // (1, n, v)
             let flat: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let rows: Vec<Vec<f32>> = (n_ctx - 1..n - 1).map(|p| log_softmax_row(&flat[p * v..(p + 1) * v])).collect();
+            let rows: Vec<Vec<f32>> = (n_ctx - 1..n - 1)
+                .map(|p| log_softmax_row(&flat[p * v..(p + 1) * v]))
+                .collect();
             Ok(gather_sum(&rows, c))
         })
         .collect()

@@ -82,7 +82,10 @@ impl EvalOptions {
             return Err(Error::config("num_beams", "must be at least 1"));
         }
         if self.mode == Mode::Likelihood && self.num_beams != 1 {
-            return Err(Error::config("num_beams", "beam search applies to generate mode only"));
+            return Err(Error::config(
+                "num_beams",
+                "beam search applies to generate mode only",
+            ));
         }
         if self.mode == Mode::Generate && self.max_new_tokens == 0 {
             return Err(Error::config("max_new_tokens", "must be at least 1"));
@@ -117,11 +120,17 @@ pub fn evaluate(
 ) -> Result<TaskReport> {
     opts.validate()?;
     let start = Instant::now();
-    let prompts: Vec<String> = records.iter().map(|r| eval_prompt(&r.instruction, Some(&r.input))).collect();
+    let prompts: Vec<String> = records
+        .iter()
+        .map(|r| eval_prompt(&r.instruction, Some(&r.input)))
+        .collect();
     let mut preds: Vec<Option<(Value, Option<String>)>> = vec![None; records.len()];
     match opts.mode {
         Mode::Generate => {
-            let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect::<Result<_>>()?;
+            let ids: Vec<Vec<u32>> = prompts
+                .iter()
+                .map(|p| tok.encode(p))
+                .collect::<Result<_>>()?;
             let mut eos = model.cfg.eos_token_ids.clone();
             eos.extend(tok.eos_id);
             // Longest first: similar lengths share a batch, so little padding is computed.
@@ -131,7 +140,15 @@ pub fn evaluate(
                 let outs = if opts.num_beams == 1 {
                     generate_greedy(model, &batch, tok.pad_or_eos(), opts.max_new_tokens, &eos)?
                 } else {
-                    generate_beam(model, &batch, tok.pad_or_eos(), opts.max_new_tokens, &eos, opts.num_beams, opts.length_penalty)?
+                    generate_beam(
+                        model,
+                        &batch,
+                        tok.pad_or_eos(),
+                        opts.max_new_tokens,
+                        &eos,
+                        opts.num_beams,
+                        opts.length_penalty,
+                    )?
                 };
                 for (&i, out) in chunk.iter().zip(outs) {
                     let text = tok.decode(&out)?;
@@ -156,12 +173,20 @@ pub fn evaluate(
             let lens: Vec<Vec<u32>> = items.iter().map(|it| it.context.clone()).collect();
             let order = by_length_desc(&lens);
             for chunk in order.chunks(opts.batch_size) {
-                let batch: Vec<likelihood::Candidates> = chunk.iter().map(|&i| items[i].clone()).collect();
+                let batch: Vec<likelihood::Candidates> =
+                    chunk.iter().map(|&i| items[i].clone()).collect();
                 let scores = likelihood::score_batch(model, &batch, tok.pad_or_eos())?;
                 for (&i, s) in chunk.iter().zip(scores) {
                     // First best on ties, like an argmax.
-                    let best = s.iter().enumerate().fold(0, |b, (j, &x)| if x > s[b] { j } else { b });
-                    let raw: serde_json::Map<String, Value> = cands[i].iter().zip(&s).map(|(c, &x)| (c.clone(), serde_json::json!(x))).collect();
+                    let best = s
+                        .iter()
+                        .enumerate()
+                        .fold(0, |b, (j, &x)| if x > s[b] { j } else { b });
+                    let raw: serde_json::Map<String, Value> = cands[i]
+                        .iter()
+                        .zip(&s)
+                        .map(|(c, &x)| (c.clone(), serde_json::json!(x)))
+                        .collect();
                     preds[i] = Some((Value::Object(raw), Some(cands[i][best].clone())));
                 }
                 progress(chunk.len());
@@ -185,7 +210,12 @@ pub fn evaluate(
             }
         })
         .collect();
-    Ok(TaskReport::new(task, opts.mode, predictions, start.elapsed().as_secs_f64()))
+    Ok(TaskReport::new(
+        task,
+        opts.mode,
+        predictions,
+        start.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Indices sorted by decreasing length (stable, so equal lengths keep file order).

@@ -84,8 +84,16 @@ pub fn results_json(reports: &[TaskReport]) -> Value {
 
 /// The human-readable summary: one row per task, then the average.
 pub fn table(reports: &[TaskReport]) -> String {
-    let w = reports.iter().map(|r| r.task.len()).chain([AVERAGE_KEY.len(), 4]).max().unwrap_or(8);
-    let mut s = format!("{:<w$}  {:<10}  {:>7}  {:>6}  {:>8}  {:>7}\n", "task", "mode", "correct", "total", "accuracy", "ex/s");
+    let w = reports
+        .iter()
+        .map(|r| r.task.len())
+        .chain([AVERAGE_KEY.len(), 4])
+        .max()
+        .unwrap_or(8);
+    let mut s = format!(
+        "{:<w$}  {:<10}  {:>7}  {:>6}  {:>8}  {:>7}\n",
+        "task", "mode", "correct", "total", "accuracy", "ex/s"
+    );
     for r in reports {
         s += &format!(
             "{:<w$}  {:<10}  {:>7}  {:>6}  {:>7.2}%  {:>7.2}\n",
@@ -97,7 +105,14 @@ pub fn table(reports: &[TaskReport]) -> String {
             r.examples_per_s()
         );
     }
-    s += &format!("{:<w$}  {:<10}  {:>7}  {:>6}  {:>7.2}%\n", AVERAGE_KEY, "", "", "", 100.0 * average(reports));
+    s += &format!(
+        "{:<w$}  {:<10}  {:>7}  {:>6}  {:>7.2}%\n",
+        AVERAGE_KEY,
+        "",
+        "",
+        "",
+        100.0 * average(reports)
+    );
     s
 }
 
@@ -122,10 +137,19 @@ pub fn check_names<'a>(names: impl IntoIterator<Item = (&'a str, &'a Path)>) -> 
     let mut seen: Vec<(&str, &Path)> = Vec::new();
     for (n, p) in names {
         if n == AVERAGE_KEY {
-            return Err(Error::format(p, format!("task name `{n}` is reserved for the average; rename the file")));
+            return Err(Error::format(
+                p,
+                format!("task name `{n}` is reserved for the average; rename the file"),
+            ));
         }
         if let Some((_, q)) = seen.iter().find(|(m, _)| *m == n) {
-            return Err(Error::format(p, format!("task name `{n}` is also the name of {}; give the files distinct names", q.display())));
+            return Err(Error::format(
+                p,
+                format!(
+                    "task name `{n}` is also the name of {}; give the files distinct names",
+                    q.display()
+                ),
+            ));
         }
         seen.push((n, p));
     }

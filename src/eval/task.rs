@@ -33,7 +33,13 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [Family::TrueFalse, Family::Solution, Family::Answer, Family::Ending, Family::Option];
+    pub const ALL: [Family; 5] = [
+        Family::TrueFalse,
+        Family::Solution,
+        Family::Answer,
+        Family::Ending,
+        Family::Option,
+    ];
 
     /// Every answer word of the family, in the order of the reference regex.
     pub fn words(self) -> Vec<String> {
@@ -82,10 +88,18 @@ impl Task {
     pub fn new(name: impl Into<String>, family: Family, num_choices: usize) -> Result<Self> {
         let words = family.words();
         if num_choices < 2 || num_choices > words.len() {
-            return Err(Error::config("num_choices", format!("{num_choices} is outside 2..={} for {}", words.len(), family.describe())));
+            return Err(Error::config(
+                "num_choices",
+                format!(
+                    "{num_choices} is outside 2..={} for {}",
+                    words.len(),
+                    family.describe()
+                ),
+            ));
         }
         // The reference's alternation, e.g. `answer1|answer2|answer3|answer4|answer5`.
-        let extractor = Regex::new(&words.join("|")).map_err(|e| Error::msg(format!("answer pattern: {e}")))?;
+        let extractor =
+            Regex::new(&words.join("|")).map_err(|e| Error::msg(format!("answer pattern: {e}")))?;
         Ok(Task {
             name: name.into(),
             family,
@@ -96,7 +110,11 @@ impl Task {
 
     /// The answers a model can choose between: what likelihood mode scores.
     pub fn candidates(&self) -> Vec<String> {
-        self.family.words().into_iter().take(self.num_choices).collect()
+        self.family
+            .words()
+            .into_iter()
+            .take(self.num_choices)
+            .collect()
     }
 
     /// The candidates of one record: the options its instruction lists after the last
@@ -104,9 +122,17 @@ impl Task {
     /// all belong to the vocabulary, else [`Task::candidates`].
     pub fn candidates_for(&self, rec: &Record) -> Vec<String> {
         let words = self.family.words();
-        let listed: Option<Vec<String>> = rec.instruction.rsplit_once("Answer format:").map(|(_, tail)| {
-            tail.lines().next().unwrap_or("").split('/').map(|w| w.trim().to_string()).collect()
-        });
+        let listed: Option<Vec<String>> =
+            rec.instruction
+                .rsplit_once("Answer format:")
+                .map(|(_, tail)| {
+                    tail.lines()
+                        .next()
+                        .unwrap_or("")
+                        .split('/')
+                        .map(|w| w.trim().to_string())
+                        .collect()
+                });
         match listed {
             Some(l) if l.len() >= 2 && l.iter().all(|w| words.contains(w)) => l,
             _ => self.candidates(),
@@ -115,14 +141,20 @@ impl Task {
 
     /// The reference's `extract_answer`: first match of the vocabulary in the stripped response.
     pub fn extract_answer(&self, response: &str) -> Option<String> {
-        self.extractor.find(response.trim()).map(|m| m.as_str().to_string())
+        self.extractor
+            .find(response.trim())
+            .map(|m| m.as_str().to_string())
     }
 }
 
 /// What the reference keeps of a decoded generation: the text after the last
 /// `### Response:` marker, stripped (`o.split("### Response:")[-1].strip()`).
 pub fn response_text(decoded: &str) -> &str {
-    decoded.rsplit("### Response:").next().unwrap_or(decoded).trim()
+    decoded
+        .rsplit("### Response:")
+        .next()
+        .unwrap_or(decoded)
+        .trim()
 }
 
 /// Recognises the task of `records` (read from `path`) from their `answer` fields.
@@ -179,16 +211,28 @@ fn unknown_answer(path: &Path, index: usize, answer: &str) -> Error {
     Error::Record {
         path: path.to_path_buf(),
         index,
-        msg: format!("answer `{answer}` fits no known answer vocabulary ({})", known.join(", ")),
+        msg: format!(
+            "answer `{answer}` fits no known answer vocabulary ({})",
+            known.join(", ")
+        ),
     }
 }
 
 /// Display name of a test file: its stem, or `<parent>` when the stem is a generic split
 /// name (`test`, `train`, `dev`, …), as in the LLM-Adapters layout `ARC-Easy/test.json`.
 pub fn task_name(path: &Path) -> String {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let generic = matches!(stem.to_ascii_lowercase().as_str(), "test" | "train" | "dev" | "val" | "valid" | "validation" | "eval");
-    let parent = path.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let generic = matches!(
+        stem.to_ascii_lowercase().as_str(),
+        "test" | "train" | "dev" | "val" | "valid" | "validation" | "eval"
+    );
+    let parent = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|s| s.to_string_lossy().into_owned());
     match parent {
         Some(p) if generic && !p.is_empty() => p,
         _ => stem,
@@ -199,8 +243,18 @@ pub fn task_name(path: &Path) -> String {
 /// own output with its answer (last occurrence) replaced, or the bare candidate when the
 /// output does not contain the answer.
 pub fn continuation(rec: &Record, candidate: &str) -> String {
-    match rec.answer.as_deref().filter(|a| !a.is_empty()).and_then(|a| rec.output.rfind(a).map(|p| (p, a.len()))) {
-        Some((pos, len)) => format!("{}{}{}", &rec.output[..pos], candidate, &rec.output[pos + len..]),
+    match rec
+        .answer
+        .as_deref()
+        .filter(|a| !a.is_empty())
+        .and_then(|a| rec.output.rfind(a).map(|p| (p, a.len())))
+    {
+        Some((pos, len)) => format!(
+            "{}{}{}",
+            &rec.output[..pos],
+            candidate,
+            &rec.output[pos + len..]
+        ),
         None => candidate.to_string(),
     }
 }

@@ -27,7 +27,10 @@ pub fn write_with(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()
 fn tmp_sibling(path: &Path) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp{}-{n}", std::process::id()))
 }
 
@@ -80,7 +83,11 @@ impl StagedDir {
             let old = tmp_sibling(&self.target).with_extension("old");
             std::fs::rename(&self.target, &old).at(&self.target)?;
             std::fs::rename(&self.tmp, &self.target).at(&self.target)?;
-            let _ = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+            let _ = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
         } else {
             std::fs::rename(&self.tmp, &self.target).at(&self.target)?;
         }
@@ -106,7 +113,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let target = d.path().join("out");
         std::fs::create_dir(&target).unwrap();
-        assert!(matches!(StagedDir::new(&target, false), Err(Error::OutputExists(_))));
+        assert!(matches!(
+            StagedDir::new(&target, false),
+            Err(Error::OutputExists(_))
+        ));
         {
             let s = StagedDir::new(&target, true).unwrap();
             std::fs::write(s.join("a"), b"x").unwrap();

@@ -59,7 +59,15 @@ impl DashAdapterConfig {
 }
 
 /// Writes the native Dash adapter of `model` into `dir`.
-pub fn save_native(model: &Llama, lora: &LoraConfig, t: usize, s: usize, freeze_ab: bool, base: Option<String>, dir: &Path) -> Result<()> {
+pub fn save_native(
+    model: &Llama,
+    lora: &LoraConfig,
+    t: usize,
+    s: usize,
+    freeze_ab: bool,
+    base: Option<String>,
+    dir: &Path,
+) -> Result<()> {
     let mut w = Weights::new(None);
     let mut layers = BTreeMap::new();
     for l in model.linears() {
@@ -95,7 +103,10 @@ pub fn save_native(model: &Llama, lora: &LoraConfig, t: usize, s: usize, freeze_
         layers,
     };
     w.save_safetensors(&dir.join(WEIGHTS_FILE), None)?;
-    atomic::write_file(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&cfg)?.as_bytes())
+    atomic::write_file(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )
 }
 
 /// Attaches the native Dash adapter in `dir`; every base weight must hash as recorded.
@@ -108,7 +119,9 @@ pub fn load_native(model: &mut Llama, dir: &Path) -> Result<DashAdapterConfig> {
     let scale = cfg.lora_config().scale();
     let mut attached = 0;
     for l in model.linears_mut() {
-        let Some(info) = cfg.layers.get(&l.path) else { continue };
+        let Some(info) = cfg.layers.get(&l.path) else {
+            continue;
+        };
         let hash = weight_hash(&l.weight)?;
         if hash != info.base_hash {
             return Err(Error::format(
@@ -136,16 +149,28 @@ pub fn load_native(model: &mut Llama, dir: &Path) -> Result<DashAdapterConfig> {
         attached += 1;
     }
     if attached != cfg.layers.len() {
-        return Err(Error::format(&cpath, "names layers the model does not have (adapter for another architecture?)"));
+        return Err(Error::format(
+            &cpath,
+            "names layers the model does not have (adapter for another architecture?)",
+        ));
     }
     if let Some(extra) = w.names().next() {
-        return Err(Error::format(&wpath, format!("tensor `{extra}` belongs to no layer listed in {CONFIG_FILE}")));
+        return Err(Error::format(
+            &wpath,
+            format!("tensor `{extra}` belongs to no layer listed in {CONFIG_FILE}"),
+        ));
     }
     Ok(cfg)
 }
 
 /// Writes the rank-(r+s) PEFT export of every Dash layer into `dir`.
-pub fn save_peft_export(model: &Llama, lora: &LoraConfig, s: usize, base: Option<String>, dir: &Path) -> Result<()> {
+pub fn save_peft_export(
+    model: &Llama,
+    lora: &LoraConfig,
+    s: usize,
+    base: Option<String>,
+    dir: &Path,
+) -> Result<()> {
     let mut w = Weights::new(None);
     for l in model.linears() {
         if let Some(d) = l.adapter.as_ref().and_then(Adapter::as_dash) {
@@ -183,7 +208,13 @@ pub fn load_any(model: &mut Llama, dir: &Path) -> Result<String> {
         return Ok("lora".into());
     }
     if !dir.exists() {
-        return Err(Error::io(dir, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        return Err(Error::io(
+            dir,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
-    Err(Error::format(dir, format!("holds no adapter ({PEFT_CONFIG} or {CONFIG_FILE})")))
+    Err(Error::format(
+        dir,
+        format!("holds no adapter ({PEFT_CONFIG} or {CONFIG_FILE})"),
+    ))
 }

@@ -136,7 +136,8 @@ impl TensorInfo {
     pub fn n_bytes(&self) -> Option<u64> {
         let (blk, size) = self.ggml_type.block_layout()?;
         let n = self.n_elements();
-        n.is_multiple_of(blk as u64).then(|| n / blk as u64 * size as u64)
+        n.is_multiple_of(blk as u64)
+            .then(|| n / blk as u64 * size as u64)
     }
 }
 
@@ -156,7 +157,14 @@ impl GgufFile {
         // SAFETY: read-only mapping of a file we do not modify while it is mapped.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
         let (version, metadata, tensors, data_start) = header::parse(&mmap, path)?;
-        Ok(GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors, data_start })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            version,
+            metadata,
+            tensors,
+            data_start,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -187,8 +195,13 @@ impl GgufFile {
         let start = (self.data_start as u64).checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(n));
         match (start, end) {
-            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => Ok(&self.mmap[s as usize..e as usize]),
-            _ => Err(Error::format(&self.path, format!("tensor `{}` data lies past the end of the file", info.name))),
+            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => {
+                Ok(&self.mmap[s as usize..e as usize])
+            }
+            _ => Err(Error::format(
+                &self.path,
+                format!("tensor `{}` data lies past the end of the file", info.name),
+            )),
         }
     }
 
@@ -237,14 +250,18 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// Hugging Face's rotate-half pairing (i, i + head_dim/2) into adjacent rows (2i, 2i+1).
 pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
     // hf row h*hd + s*hd/2 + i  ->  gguf row h*hd + 2i + s
-    reorder_rows(w, rows, cols, n_head, |h, s, i, hd| (h * hd + s * hd / 2 + i, h * hd + 2 * i + s))
+    reorder_rows(w, rows, cols, n_head, |h, s, i, hd| {
+        (h * hd + s * hd / 2 + i, h * hd + 2 * i + s)
+    })
 }
 
 /// The inverse of [`permute_qk`] (transformers' `reverse_permute_weights`): rows viewed as
 /// `(n_head, head_dim/2, 2, cols)`, axes 1 and 2 swapped.
 pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
     // gguf row h*hd + 2i + s  ->  hf row h*hd + s*hd/2 + i
-    reorder_rows(w, rows, cols, n_head, |h, s, i, hd| (h * hd + 2 * i + s, h * hd + s * hd / 2 + i))
+    reorder_rows(w, rows, cols, n_head, |h, s, i, hd| {
+        (h * hd + 2 * i + s, h * hd + s * hd / 2 + i)
+    })
 }
 
 /// Moves row `from` to row `to` for every (head, s, i) as given by `map`.
@@ -256,7 +273,9 @@ fn reorder_rows(
     map: impl Fn(usize, usize, usize, usize) -> (usize, usize),
 ) -> Result<Vec<f32>> {
     if n_head == 0 || !rows.is_multiple_of(2 * n_head) || w.len() != rows * cols {
-        return Err(Error::msg(format!("cannot permute a ({rows}, {cols}) matrix into {n_head} heads of even size")));
+        return Err(Error::msg(format!(
+            "cannot permute a ({rows}, {cols}) matrix into {n_head} heads of even size"
+        )));
     }
     let hd = rows / n_head;
     let mut out = vec![0f32; w.len()];
@@ -276,9 +295,12 @@ fn meta_u64(g: &GgufFile, key: &str) -> Option<u64> {
 }
 
 fn required_usize(g: &GgufFile, key: &str) -> Result<usize> {
-    meta_u64(g, key)
-        .map(|x| x as usize)
-        .ok_or_else(|| Error::format(g.path(), format!("metadata `{key}` is missing or not an integer")))
+    meta_u64(g, key).map(|x| x as usize).ok_or_else(|| {
+        Error::format(
+            g.path(),
+            format!("metadata `{key}` is missing or not an integer"),
+        )
+    })
 }
 
 /// Builds the Hugging Face config of a llama GGUF from its metadata.
@@ -291,15 +313,25 @@ pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
         return Err(Error::UnknownArchitecture(arch.to_string()));
     }
     if meta_u64(g, "llama.expert_count").unwrap_or(0) > 0 {
-        return Err(Error::config("llama.expert_count", "mixture-of-experts models are not supported"));
+        return Err(Error::config(
+            "llama.expert_count",
+            "mixture-of-experts models are not supported",
+        ));
     }
     let hidden = required_usize(g, "llama.embedding_length")?;
     let heads = required_usize(g, "llama.attention.head_count")?;
-    let kv_heads = meta_u64(g, "llama.attention.head_count_kv").map(|x| x as usize).unwrap_or(heads);
+    let kv_heads = meta_u64(g, "llama.attention.head_count_kv")
+        .map(|x| x as usize)
+        .unwrap_or(heads);
     if heads == 0 {
-        return Err(Error::config("llama.attention.head_count", "must be positive"));
+        return Err(Error::config(
+            "llama.attention.head_count",
+            "must be positive",
+        ));
     }
-    let head_dim = meta_u64(g, "llama.attention.key_length").map(|x| x as usize).unwrap_or(hidden / heads);
+    let head_dim = meta_u64(g, "llama.attention.key_length")
+        .map(|x| x as usize)
+        .unwrap_or(hidden / heads);
     if let Some(rot) = meta_u64(g, "llama.rope.dimension_count") {
         if rot as usize != head_dim {
             return Err(Error::config(
@@ -310,8 +342,15 @@ pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
     }
     let vocab = meta_u64(g, "llama.vocab_size")
         .map(|x| x as usize)
-        .or_else(|| g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()))
-        .or_else(|| g.tensor_info("token_embd.weight").and_then(|t| t.dims.get(1).map(|&d| d as usize)))
+        .or_else(|| {
+            g.get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+        })
+        .or_else(|| {
+            g.tensor_info("token_embd.weight")
+                .and_then(|t| t.dims.get(1).map(|&d| d as usize))
+        })
         .ok_or_else(|| Error::format(g.path(), "cannot tell the vocabulary size"))?;
     let rope_scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
         None | Some("none") => None,
@@ -331,11 +370,20 @@ pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
         num_attention_heads: heads,
         num_key_value_heads: Some(kv_heads),
         head_dim: (head_dim != hidden / heads).then_some(head_dim),
-        rms_norm_eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(|v| v.as_f64()).unwrap_or(1e-5),
-        rope_theta: Some(g.get("llama.rope.freq_base").and_then(|v| v.as_f64()).unwrap_or(10000.0)),
+        rms_norm_eps: g
+            .get("llama.attention.layer_norm_rms_epsilon")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1e-5),
+        rope_theta: Some(
+            g.get("llama.rope.freq_base")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0),
+        ),
         rope_parameters: None,
         rope_scaling,
-        max_position_embeddings: meta_u64(g, "llama.context_length").map(|x| x as usize).unwrap_or(2048),
+        max_position_embeddings: meta_u64(g, "llama.context_length")
+            .map(|x| x as usize)
+            .unwrap_or(2048),
         tie_word_embeddings: g.tensor_info("output.weight").is_none(),
         attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
         mlp_bias: g.tensor_info("blk.0.ffn_up.bias").is_some(),
@@ -353,7 +401,9 @@ pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
     let kv_heads = config.num_key_value_heads.unwrap_or(heads);
     let mut w = Weights::new(Some(g.path().to_path_buf()));
     for info in &g.tensors {
-        let Some(name) = hf_tensor_name(&info.name) else { continue };
+        let Some(name) = hf_tensor_name(&info.name) else {
+            continue;
+        };
         let mut t = g.tensor_f32(info)?;
         let n_head = if name.contains(".self_attn.q_proj.") {
             Some(heads)
@@ -389,5 +439,11 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         }
     };
     let weights = hf_weights(&g, &config)?;
-    Ok(LoadedModel { config, weights, tokenizer, path: path.to_path_buf(), kind: SourceKind::Gguf })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        path: path.to_path_buf(),
+        kind: SourceKind::Gguf,
+    })
 }

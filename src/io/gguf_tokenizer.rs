@@ -21,8 +21,7 @@ const TOKEN_USER_DEFINED: i64 = 4;
 /// The llama-3 split regex as in Meta's `tokenizer.json`.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's: like llama-3 but single digits.
-const QWEN2_REGEX: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How llama.cpp pre-tokenizes for a `tokenizer.ggml.pre` name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +36,15 @@ enum PreKind {
 
 fn pre_kind(pre: &str) -> PreKind {
     match pre {
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => PreKind::DigitsGpt2,
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" | "dbrx" | "smaug-bpe" => PreKind::Llama3,
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            PreKind::DigitsGpt2
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" | "dbrx" | "smaug-bpe" => {
+            PreKind::Llama3
+        }
         "qwen2" | "stablelm2" | "megrez" | "deepseek-r1-qwen" | "hunyuan" => PreKind::Qwen2,
-        "gpt-2" | "gpt2" | "default" | "phi-2" | "mpt" | "olmo" | "jais" | "jina-es" | "jina-de" | "jina-v1-en"
-        | "jina-v2-es" | "jina-v2-de" => PreKind::Gpt2,
+        "gpt-2" | "gpt2" | "default" | "phi-2" | "mpt" | "olmo" | "jais" | "jina-es"
+        | "jina-de" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de" => PreKind::Gpt2,
         other => {
             eprintln!("note: GGUF pre-tokenizer `{other}` is not known here; using GPT-2's");
             PreKind::Gpt2
@@ -59,8 +62,12 @@ fn pre_tokenizer(kind: PreKind) -> Value {
         PreKind::Gpt2 => byte_level(true),
         PreKind::DigitsGpt2 => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-        PreKind::Llama3 => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
-        PreKind::Qwen2 => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
+        PreKind::Llama3 => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]})
+        }
+        PreKind::Qwen2 => {
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]})
+        }
     }
 }
 
@@ -69,7 +76,11 @@ pub(crate) fn template_post_processor(bos: Option<(&str, u32)>, eos: Option<(&st
     let special = |(t, _): (&str, u32)| json!({"SpecialToken": {"id": t, "type_id": 0}});
     let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
     let wrap = |part: &str, type_id: u32| -> Vec<Value> {
-        bos.map(special).into_iter().chain([seq(part, type_id)]).chain(eos.map(special)).collect()
+        bos.map(special)
+            .into_iter()
+            .chain([seq(part, type_id)])
+            .chain(eos.map(special))
+            .collect()
     };
     let single = wrap("A", 0);
     let pair: Vec<Value> = wrap("A", 0).into_iter().chain(wrap("B", 1)).collect();
@@ -94,12 +105,19 @@ fn string_array<'a>(meta: &'a Metadata, key: &str) -> Result<Vec<&'a str>> {
         .and_then(GgufValue::as_array)
         .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata `{key}` is missing")))?;
     arr.iter()
-        .map(|v| v.as_str().ok_or_else(|| Error::Tokenizer(format!("GGUF metadata `{key}` holds a non-string"))))
+        .map(|v| {
+            v.as_str().ok_or_else(|| {
+                Error::Tokenizer(format!("GGUF metadata `{key}` holds a non-string"))
+            })
+        })
         .collect()
 }
 
 fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
-    let model = meta.get("tokenizer.ggml.model").and_then(GgufValue::as_str).unwrap_or("<none>");
+    let model = meta
+        .get("tokenizer.ggml.model")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("<none>");
     match model {
         "gpt2" => {}
         "llama" => {
@@ -123,7 +141,10 @@ fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
     let id = |key: &str| -> Result<Option<u32>> {
         match meta.get(key).and_then(GgufValue::as_u64) {
             Some(i) if (i as usize) < tokens.len() => Ok(Some(i as u32)),
-            Some(i) => Err(Error::Tokenizer(format!("GGUF `{key}` {i} is outside the vocabulary of {}", tokens.len()))),
+            Some(i) => Err(Error::Tokenizer(format!(
+                "GGUF `{key}` {i} is outside the vocabulary of {}",
+                tokens.len()
+            ))),
             None => Ok(None),
         }
     };
@@ -133,11 +154,15 @@ fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
         id("tokenizer.ggml.padding_token_id")?,
         id("tokenizer.ggml.unknown_token_id")?,
     );
-    let pre = meta.get("tokenizer.ggml.pre").and_then(GgufValue::as_str).unwrap_or("default");
+    let pre = meta
+        .get("tokenizer.ggml.pre")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("default");
     let kind = pre_kind(pre);
     let flag = |key: &str| meta.get(key).and_then(GgufValue::as_bool);
     // llama.cpp turns BOS on for llama-3 style vocabularies unless the file says otherwise.
-    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(kind == PreKind::Llama3) && bos.is_some();
+    let add_bos =
+        flag("tokenizer.ggml.add_bos_token").unwrap_or(kind == PreKind::Llama3) && bos.is_some();
     let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false) && eos.is_some();
 
     // Duplicated strings keep the last id, as llama.cpp's token_to_id map and transformers do.
@@ -149,7 +174,11 @@ fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
         .iter()
         .map(|m| {
             // llama.cpp splits at the first space after the first character.
-            let cut = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
+            let cut = m
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| c == ' ')
+                .map(|(i, _)| i);
             match cut {
                 Some(i) => Ok(json!([&m[..i], &m[i + 1..]])),
                 None => Err(Error::Tokenizer(format!("GGUF merge `{m}` has no space"))),
@@ -159,8 +188,10 @@ fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
 
     let mut added = Vec::new();
     let mut add = |i: usize, special: bool| {
-        added.push(json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": special}));
+        added.push(
+            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": special}),
+        );
     };
     match &types {
         Some(types) => {
@@ -210,7 +241,15 @@ fn build(meta: &Metadata) -> Result<(Value, SpecialIds)> {
             "merges": merges,
         }
     });
-    Ok((json, SpecialIds { bos, eos, pad, add_bos }))
+    Ok((
+        json,
+        SpecialIds {
+            bos,
+            eos,
+            pad,
+            add_bos,
+        },
+    ))
 }
 
 /// The `tokenizer.json` equivalent of the GGUF tokenizer metadata.
@@ -221,9 +260,17 @@ pub fn tokenizer_json(meta: &Metadata) -> Result<Value> {
 /// The tokenizer described by GGUF metadata, with its special ids.
 pub fn load_tokenizer(meta: &Metadata) -> Result<TextTokenizer> {
     let (json, ids) = build(meta)?;
-    let inner: tokenizers::Tokenizer =
-        json.to_string().parse().map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: {e}")))?;
-    Ok(TextTokenizer { inner, bos_id: ids.bos, eos_id: ids.eos, pad_id: ids.pad, add_bos: ids.add_bos })
+    let inner: tokenizers::Tokenizer = json
+        .to_string()
+        .parse()
+        .map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: {e}")))?;
+    Ok(TextTokenizer {
+        inner,
+        bos_id: ids.bos,
+        eos_id: ids.eos,
+        pad_id: ids.pad,
+        add_bos: ids.add_bos,
+    })
 }
 
 #[cfg(test)]
@@ -232,7 +279,10 @@ mod tests {
     use crate::io::gguf::testutil::{tiny_id, tiny_tokenizer_meta};
 
     fn meta(pre: &str, add_bos: Option<bool>) -> Metadata {
-        tiny_tokenizer_meta(pre, add_bos).into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+        tiny_tokenizer_meta(pre, add_bos)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
     }
 
     fn ids(tokens: &[&str]) -> Vec<u32> {
@@ -242,8 +292,14 @@ mod tests {
     #[test]
     fn byte_level_bpe_with_added_tokens() {
         let tok = load_tokenizer(&meta("smollm", None)).unwrap();
-        assert_eq!((tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos), (Some(1), Some(2), Some(0), false));
-        assert_eq!(tok.encode("hello world").unwrap(), ids(&["hello", "Ġworld"]));
+        assert_eq!(
+            (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos),
+            (Some(1), Some(2), Some(0), false)
+        );
+        assert_eq!(
+            tok.encode("hello world").unwrap(),
+            ids(&["hello", "Ġworld"])
+        );
         // Control tokens are matched whole, not byte-encoded.
         let mut want = vec![1];
         want.extend(ids(&["hello"]));
@@ -251,7 +307,10 @@ mod tests {
         assert_eq!(tok.encode("<|im_start|>hello<|im_end|>").unwrap(), want);
         // Bytes outside ASCII go through the byte alphabet: "é" is 0xC3 0xA9 -> "Ã" "©".
         assert_eq!(tok.encode("é").unwrap(), ids(&["Ã", "©"]));
-        assert_eq!(tok.decode(&tok.encode("hello world é!").unwrap()).unwrap(), "hello world é!");
+        assert_eq!(
+            tok.decode(&tok.encode("hello world é!").unwrap()).unwrap(),
+            "hello world é!"
+        );
     }
 
     #[test]
@@ -263,7 +322,10 @@ mod tests {
         let gpt2 = load_tokenizer(&meta("gpt-2", None)).unwrap();
         assert_eq!(gpt2.encode("12").unwrap(), ids(&["12"]));
         let unknown = load_tokenizer(&meta("something-new", None)).unwrap();
-        assert_eq!(unknown.encode("12 hello").unwrap(), ids(&["12", "Ġ", "hello"]));
+        assert_eq!(
+            unknown.encode("12 hello").unwrap(),
+            ids(&["12", "Ġ", "hello"])
+        );
         let j = tokenizer_json(&meta("smollm", None)).unwrap();
         assert_eq!(j["pre_tokenizer"]["pretokenizers"][0]["type"], "Digits");
         // llama-3 vocabularies: llama-3's split regex, and BOS on by default.
@@ -289,14 +351,28 @@ mod tests {
     #[test]
     fn unsupported_or_broken_metadata_is_an_error() {
         let mut m = meta("smollm", None);
-        m.insert("tokenizer.ggml.model".into(), GgufValue::String("llama".into()));
+        m.insert(
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("llama".into()),
+        );
         let e = load_tokenizer(&m).err().unwrap().to_string();
         assert!(e.contains("SentencePiece"), "{e}");
         let mut m = meta("smollm", None);
         m.remove("tokenizer.ggml.merges");
-        assert!(load_tokenizer(&m).err().unwrap().to_string().contains("tokenizer.ggml.merges"));
+        assert!(load_tokenizer(&m)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("tokenizer.ggml.merges"));
         let mut m = meta("smollm", None);
-        m.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(100_000));
-        assert!(load_tokenizer(&m).err().unwrap().to_string().contains("outside the vocabulary"));
+        m.insert(
+            "tokenizer.ggml.bos_token_id".into(),
+            GgufValue::U32(100_000),
+        );
+        assert!(load_tokenizer(&m)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("outside the vocabulary"));
     }
 }

@@ -28,25 +28,39 @@ pub fn load_model_from(spec: &str, cache_root: &Path, allow_download: bool) -> R
         return load_dir(path);
     }
     if path.is_file() {
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             return gguf::load(path);
         }
         if path.file_name().is_some_and(|n| n == "config.json") {
             return load_dir(path.parent().unwrap_or(Path::new(".")));
         }
-        return Err(Error::format(path, "expected a model directory, a .gguf file or a hub id `org/name`"));
+        return Err(Error::format(
+            path,
+            "expected a model directory, a .gguf file or a hub id `org/name`",
+        ));
     }
     if is_hub_id(spec) {
         let dir = resolve_hub(spec, cache_root, allow_download)?;
         return load_dir(&dir);
     }
-    Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+    Err(Error::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+    ))
 }
 
 fn offline() -> bool {
     ["LORA_DASH_OFFLINE", "HF_HUB_OFFLINE"].iter().any(|k| {
         std::env::var(k)
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+            .map(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            })
             .unwrap_or(false)
     })
 }
@@ -57,7 +71,8 @@ pub fn is_hub_id(spec: &str) -> bool {
         !p.is_empty()
             && !p.starts_with(['.', '-'])
             && !p.contains("..")
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(spec.split_once('/'), Some((org, name)) if ok_part(org) && ok_part(name))
 }
@@ -70,7 +85,9 @@ pub fn hub_cache_root() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -96,13 +113,21 @@ pub fn resolve_hub_cache(id: &str, cache_root: &Path) -> Option<PathBuf> {
             return Some(snap);
         }
     }
-    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(repo.join("snapshots"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| complete(p))
-        .map(|p| (p.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), p))
-        .collect();
+    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> =
+        std::fs::read_dir(repo.join("snapshots"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| complete(p))
+            .map(|p| {
+                (
+                    p.metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                    p,
+                )
+            })
+            .collect();
     snaps.sort();
     snaps.pop().map(|(_, p)| p)
 }
@@ -125,7 +150,9 @@ pub fn resolve_hub(id: &str, cache_root: &Path, allow_download: bool) -> Result<
 fn download(id: &str, cache_root: &Path) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
     let fail = |e: &dyn std::fmt::Display| {
-        Error::msg(format!("could not download {id} (offline?); pass a local directory or .gguf file ({e})"))
+        Error::msg(format!(
+            "could not download {id} (offline?); pass a local directory or .gguf file ({e})"
+        ))
     };
     let mut builder = ApiBuilder::from_cache(hf_hub::Cache::new(cache_root.to_path_buf()));
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
@@ -139,7 +166,11 @@ fn download(id: &str, cache_root: &Path) -> Result<PathBuf> {
     let info = repo.info().map_err(|e| fail(&e))?;
     let files: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let config = repo.get("config.json").map_err(|e| fail(&e))?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         if files.contains(f) {
             repo.get(f).map_err(|e| fail(&e))?;
         }
@@ -151,10 +182,17 @@ fn download(id: &str, cache_root: &Path) -> Result<PathBuf> {
         for shard in shard_names(&index)? {
             repo.get(&shard).map_err(|e| fail(&e))?;
         }
-    } else if files.iter().any(|f| f.starts_with("pytorch_model") && f.ends_with(".bin")) {
-        return Err(Error::msg(format!("{id} only has PyTorch .bin weights; convert them to safetensors first")));
+    } else if files
+        .iter()
+        .any(|f| f.starts_with("pytorch_model") && f.ends_with(".bin"))
+    {
+        return Err(Error::msg(format!(
+            "{id} only has PyTorch .bin weights; convert them to safetensors first"
+        )));
     } else {
-        return Err(Error::msg(format!("{id} has no model.safetensors or {INDEX_FILE}")));
+        return Err(Error::msg(format!(
+            "{id} has no model.safetensors or {INDEX_FILE}"
+        )));
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
@@ -169,15 +207,23 @@ fn download(id: &str, _cache_root: &Path) -> Result<PathBuf> {
 /// Shard file names listed in a safetensors index's `weight_map`, sorted and deduplicated.
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).at(index)?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
-    let map =
-        v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| Error::format(index, format!("`{tensor}` maps to a non-string")))?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::format(index, format!("`{tensor}` maps to a non-string")))?;
         // Shards are plain names in the same directory; anything else could escape it.
         if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-            return Err(Error::format(index, format!("shard name `{file}` is not a plain file name")));
+            return Err(Error::format(
+                index,
+                format!("shard name `{file}` is not a plain file name"),
+            ));
         }
         names.insert(file.to_string());
     }
@@ -198,16 +244,27 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
         for shard in shard_names(&index)? {
             Weights::read_safetensors(&dir.join(shard), &mut weights)?;
         }
-    } else if dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file() {
+    } else if dir.join("pytorch_model.bin").is_file()
+        || dir.join("pytorch_model.bin.index.json").is_file()
+    {
         return Err(Error::format(
             dir,
             "only PyTorch .bin weights found; save the model with safetensors (save_pretrained(..., safe_serialization=True))",
         ));
     } else {
-        return Err(Error::format(dir, format!("no model.safetensors or {INDEX_FILE}")));
+        return Err(Error::format(
+            dir,
+            format!("no model.safetensors or {INDEX_FILE}"),
+        ));
     }
     let tokenizer = load_tokenizer_dir(dir, &config)?;
-    Ok(LoadedModel { config, weights, tokenizer, path: dir.to_path_buf(), kind: SourceKind::HfDir })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        path: dir.to_path_buf(),
+        kind: SourceKind::HfDir,
+    })
 }
 
 /// A token given in `tokenizer_config.json` as a string or as an `AddedToken` object.
@@ -236,53 +293,92 @@ pub fn load_tokenizer_dir(dir: &Path, config: &HfConfig) -> Result<Option<TextTo
     if !path.is_file() {
         return Ok(None);
     }
-    let mut inner =
-        tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
     let cfg_path = dir.join("tokenizer_config.json");
     let tc: Value = if cfg_path.is_file() {
         let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
-        serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?
+        serde_json::from_str(&text)
+            .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?
     } else {
         json!({})
     };
     let id_of = |key: &str, fallback: &Option<Value>| {
-        token_string(tc.get(key)).and_then(|t| inner.token_to_id(t)).or_else(|| first_id(fallback))
+        token_string(tc.get(key))
+            .and_then(|t| inner.token_to_id(t))
+            .or_else(|| first_id(fallback))
     };
     let bos_id = id_of("bos_token", &config.bos_token_id);
     let eos_id = id_of("eos_token", &config.eos_token_id);
     let pad_id = id_of("pad_token", &config.pad_token_id);
 
-    let class = tc.get("tokenizer_class").and_then(Value::as_str).unwrap_or("");
-    if matches!(class, "LlamaTokenizer" | "LlamaTokenizerFast" | "CodeLlamaTokenizer" | "CodeLlamaTokenizerFast") {
-        let add_bos = tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(true);
-        let add_eos = tc.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false);
-        let named = |id: Option<u32>, on: bool| id.filter(|_| on).and_then(|i| inner.id_to_token(i).map(|t| (t, i)));
+    let class = tc
+        .get("tokenizer_class")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if matches!(
+        class,
+        "LlamaTokenizer" | "LlamaTokenizerFast" | "CodeLlamaTokenizer" | "CodeLlamaTokenizerFast"
+    ) {
+        let add_bos = tc
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let add_eos = tc
+            .get("add_eos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let named = |id: Option<u32>, on: bool| {
+            id.filter(|_| on)
+                .and_then(|i| inner.id_to_token(i).map(|t| (t, i)))
+        };
         let (bos, eos) = (named(bos_id, add_bos), named(eos_id, add_eos));
-        let mut v: Value =
-            serde_json::from_str(&inner.to_string(false).map_err(|e| Error::format(&path, e.to_string()))?)?;
+        let mut v: Value = serde_json::from_str(
+            &inner
+                .to_string(false)
+                .map_err(|e| Error::format(&path, e.to_string()))?,
+        )?;
         v["post_processor"] = gguf_tokenizer::template_post_processor(
             bos.as_ref().map(|(t, i)| (t.as_str(), *i)),
             eos.as_ref().map(|(t, i)| (t.as_str(), *i)),
         );
-        inner = v.to_string().parse().map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
+        inner = v
+            .to_string()
+            .parse()
+            .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
     }
     // Whether BOS is prepended is whatever the final post-processor does.
     let add_bos = match bos_id {
         Some(b) => {
-            let with = inner.encode("a", true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            let without = inner.encode("a", false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            let with = inner
+                .encode("a", true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            let without = inner
+                .encode("a", false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
             with.get_ids().first() == Some(&b) && without.get_ids().first() != Some(&b)
         }
         None => false,
     };
-    Ok(Some(TextTokenizer { inner, bos_id, eos_id, pad_id, add_bos }))
+    Ok(Some(TextTokenizer {
+        inner,
+        bos_id,
+        eos_id,
+        pad_id,
+        add_bos,
+    }))
 }
 
 /// Writes `weights` (with `model`'s config and tokenizer) as a Hugging Face directory that
 /// transformers loads: `config.json`, f32 `model.safetensors` (without `lm_head.weight` when
 /// the embeddings are tied), and `tokenizer.json` + `tokenizer_config.json` when there is a
 /// tokenizer. The directory appears whole or not at all.
-pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrite: bool) -> Result<()> {
+pub fn write_hf_dir(
+    model: &LoadedModel,
+    weights: &Weights,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
     let stage = StagedDir::new(out, overwrite)?;
     let mut config = model.config.clone();
     config.architectures = Some(vec!["LlamaForCausalLM".into()]);
@@ -294,7 +390,10 @@ pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrit
         // Unset optional fields are left out rather than written as null.
         m.retain(|_, v| !v.is_null());
     }
-    write_file(&stage.join("config.json"), serde_json::to_string_pretty(&cv)?.as_bytes())?;
+    write_file(
+        &stage.join("config.json"),
+        serde_json::to_string_pretty(&cv)?.as_bytes(),
+    )?;
 
     let tied = config.tie_word_embeddings;
     let mut tensors = Vec::with_capacity(weights.len());
@@ -302,7 +401,11 @@ pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrit
         if tied && name == "lm_head.weight" {
             continue;
         }
-        let t = if t.dtype().is_float() && t.dtype() != DType::F32 { t.to_dtype(DType::F32)? } else { t.clone() };
+        let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
+            t.to_dtype(DType::F32)?
+        } else {
+            t.clone()
+        };
         tensors.push((name.as_str(), t));
     }
     // transformers refuses safetensors files whose metadata lacks format=pt.
@@ -314,7 +417,10 @@ pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrit
     )?;
 
     if let Some(tok) = &model.tokenizer {
-        let text = tok.inner.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let text = tok
+            .inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         write_file(&stage.join("tokenizer.json"), text.as_bytes())?;
         let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
         let tc = json!({
@@ -327,7 +433,10 @@ pub fn write_hf_dir(model: &LoadedModel, weights: &Weights, out: &Path, overwrit
             "model_max_length": config.max_position_embeddings,
             "clean_up_tokenization_spaces": false,
         });
-        write_file(&stage.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?.as_bytes())?;
+        write_file(
+            &stage.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tc)?.as_bytes(),
+        )?;
     }
     stage.commit()?;
     Ok(())

@@ -96,18 +96,28 @@ impl PeftConfig {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
         let s = std::fs::read_to_string(&path).at(&path)?;
-        let c: PeftConfig = serde_json::from_str(&s).map_err(|e| Error::format(&path, format!("invalid adapter config: {e}")))?;
+        let c: PeftConfig = serde_json::from_str(&s)
+            .map_err(|e| Error::format(&path, format!("invalid adapter config: {e}")))?;
         if c.peft_type != "LORA" {
-            return Err(Error::format(&path, format!("peft_type `{}` is not supported (LORA only)", c.peft_type)));
+            return Err(Error::format(
+                &path,
+                format!("peft_type `{}` is not supported (LORA only)", c.peft_type),
+            ));
         }
         if c.use_dora {
             return Err(Error::format(&path, "DoRA adapters are not supported"));
         }
         if c.fan_in_fan_out {
-            return Err(Error::format(&path, "fan_in_fan_out adapters (Conv1D bases) are not supported"));
+            return Err(Error::format(
+                &path,
+                "fan_in_fan_out adapters (Conv1D bases) are not supported",
+            ));
         }
         if c.bias != "none" {
-            return Err(Error::format(&path, format!("bias = `{}` is not supported", c.bias)));
+            return Err(Error::format(
+                &path,
+                format!("bias = `{}` is not supported", c.bias),
+            ));
         }
         if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(Error::format(&path, "modules_to_save is not supported"));
@@ -128,14 +138,21 @@ impl PeftConfig {
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
             use_rslora: self.use_rslora,
-            target_modules: self.target_modules.clone().unwrap_or(TargetModules::Pattern("all-linear".into())),
+            target_modules: self
+                .target_modules
+                .clone()
+                .unwrap_or(TargetModules::Pattern("all-linear".into())),
         }
     }
 }
 
 fn pattern_lookup<T: Copy>(m: &BTreeMap<String, T>, path: &str) -> Option<T> {
     m.iter()
-        .find(|(k, _)| regex::Regex::new(&format!(r"(^|.*\.){}$", k)).map(|r| r.is_match(path)).unwrap_or(false))
+        .find(|(k, _)| {
+            regex::Regex::new(&format!(r"(^|.*\.){}$", k))
+                .map(|r| r.is_match(path))
+                .unwrap_or(false)
+        })
         .map(|(_, v)| *v)
 }
 
@@ -171,7 +188,10 @@ pub fn load_lora(model: &mut Llama, dir: &Path) -> Result<PeftConfig> {
         if dir.join("adapter_model.bin").exists() {
             return Err(Error::format(&wpath, "missing; adapter_model.bin (pickle) is not supported, save with safe_serialization"));
         }
-        return Err(Error::io(&wpath, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        return Err(Error::io(
+            &wpath,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
     let mut w = Weights::load_safetensors(&wpath)?;
     let mut attached = 0;
@@ -185,24 +205,52 @@ pub fn load_lora(model: &mut Llama, dir: &Path) -> Result<PeftConfig> {
         let b = w.remove(&kb).or_else(|| w.remove(&kb2));
         match (a, b) {
             (None, None) => continue,
-            (Some(_), None) => return Err(Error::MissingTensor { name: kb, from: Some(wpath) }),
-            (None, Some(_)) => return Err(Error::MissingTensor { name: ka, from: Some(wpath) }),
+            (Some(_), None) => {
+                return Err(Error::MissingTensor {
+                    name: kb,
+                    from: Some(wpath),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(Error::MissingTensor {
+                    name: ka,
+                    from: Some(wpath),
+                })
+            }
             (Some(a), Some(b)) => {
                 let r = a.dims().first().copied().unwrap_or(0);
                 if a.dims() != [r, l.in_dim()] {
-                    return Err(Error::ShapeMismatch { name: ka, expected: vec![r, l.in_dim()], got: a.dims().to_vec() });
+                    return Err(Error::ShapeMismatch {
+                        name: ka,
+                        expected: vec![r, l.in_dim()],
+                        got: a.dims().to_vec(),
+                    });
                 }
                 if b.dims() != [l.out_dim(), r] {
-                    return Err(Error::ShapeMismatch { name: kb, expected: vec![l.out_dim(), r], got: b.dims().to_vec() });
+                    return Err(Error::ShapeMismatch {
+                        name: kb,
+                        expected: vec![l.out_dim(), r],
+                        got: b.dims().to_vec(),
+                    });
                 }
                 let scale = cfg.scale_for(&l.path, r);
-                l.adapter = Some(Adapter::Lora(LoraLayer::from_tensors(&a, &b, scale, cfg.lora_dropout)?));
+                l.adapter = Some(Adapter::Lora(LoraLayer::from_tensors(
+                    &a,
+                    &b,
+                    scale,
+                    cfg.lora_dropout,
+                )?));
                 attached += 1;
             }
         }
     }
     if let Some(extra) = w.names().next() {
-        return Err(Error::format(&wpath, format!("tensor `{extra}` matches no linear layer of the model (adapter for another base?)")));
+        return Err(Error::format(
+            &wpath,
+            format!(
+                "tensor `{extra}` matches no linear layer of the model (adapter for another base?)"
+            ),
+        ));
     }
     if attached == 0 {
         return Err(Error::format(&wpath, "holds no LoRA tensors"));

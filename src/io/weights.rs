@@ -81,7 +81,8 @@ impl Weights {
         let st = safetensors::SafeTensors::deserialize(&mmap)
             .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
         for (name, view) in st.tensors() {
-            let t = view_to_tensor(&view).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+            let t = view_to_tensor(&view)
+                .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
             let t = match t.dtype() {
                 DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
                 _ => t,
@@ -98,8 +99,16 @@ impl Weights {
     }
 
     /// Writes all tensors (contiguous, in their dtype) atomically, with optional metadata.
-    pub fn save_safetensors(&self, path: &Path, metadata: Option<std::collections::HashMap<String, String>>) -> Result<()> {
-        save_tensors(self.tensors.iter().map(|(k, v)| (k.as_str(), v)), path, metadata)
+    pub fn save_safetensors(
+        &self,
+        path: &Path,
+        metadata: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<()> {
+        save_tensors(
+            self.tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            path,
+            metadata,
+        )
     }
 }
 
@@ -116,7 +125,12 @@ fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> 
         S::I32 => DType::I32,
         d => return Err(Error::msg(format!("unsupported dtype {d:?}"))),
     };
-    Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?)
+    Ok(Tensor::from_raw_buffer(
+        view.data(),
+        dtype,
+        view.shape(),
+        &Device::Cpu,
+    )?)
 }
 
 /// Writes `(name, tensor)` pairs as one safetensors file, atomically.
@@ -132,12 +146,19 @@ pub fn save_tensors<'a>(
         let (dt, bytes): (S, Vec<u8>) = match t.dtype() {
             DType::F32 => (S::F32, bytes_of(&t.flatten_all()?.to_vec1::<f32>()?)),
             DType::F16 => (S::F16, bytes_of(&t.flatten_all()?.to_vec1::<half::f16>()?)),
-            DType::BF16 => (S::BF16, bytes_of(&t.flatten_all()?.to_vec1::<half::bf16>()?)),
+            DType::BF16 => (
+                S::BF16,
+                bytes_of(&t.flatten_all()?.to_vec1::<half::bf16>()?),
+            ),
             DType::F64 => (S::F64, bytes_of(&t.flatten_all()?.to_vec1::<f64>()?)),
             DType::I64 => (S::I64, bytes_of(&t.flatten_all()?.to_vec1::<i64>()?)),
             DType::U32 => (S::U32, bytes_of(&t.flatten_all()?.to_vec1::<u32>()?)),
             DType::U8 => (S::U8, t.flatten_all()?.to_vec1::<u8>()?),
-            d => return Err(Error::msg(format!("tensor `{name}`: cannot save dtype {d:?}"))),
+            d => {
+                return Err(Error::msg(format!(
+                    "tensor `{name}`: cannot save dtype {d:?}"
+                )))
+            }
         };
         owned.push((name.to_string(), bytes, dt, t.dims().to_vec()));
     }
@@ -149,7 +170,8 @@ pub fn save_tensors<'a>(
                 .map_err(|e| Error::msg(format!("tensor `{n}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::msg(format!("safetensors: {e}")))?;
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::msg(format!("safetensors: {e}")))?;
     crate::io::atomic::write_file(path, &bytes)
 }
 

@@ -50,9 +50,12 @@ pub fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> Result<LeftPadded> {
     };
     for p in prompts {
         let pad = t - p.len();
-        out.ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
-        out.mask.extend(std::iter::repeat_n(0f32, pad).chain(std::iter::repeat_n(1f32, p.len())));
-        out.positions.extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
+        out.ids
+            .extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
+        out.mask
+            .extend(std::iter::repeat_n(0f32, pad).chain(std::iter::repeat_n(1f32, p.len())));
+        out.positions
+            .extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
     }
     Ok(out)
 }
@@ -100,7 +103,8 @@ impl Hypotheses {
     }
 
     fn is_done(&self, best_sum_logprobs: f64, generated_len: usize) -> bool {
-        self.beams.len() >= self.capacity && self.worst >= best_sum_logprobs / (generated_len as f64).powf(self.length_penalty)
+        self.beams.len() >= self.capacity
+            && self.worst >= best_sum_logprobs / (generated_len as f64).powf(self.length_penalty)
     }
 
     /// Highest score; on ties the later hypothesis, as Python's stable sort then `pop()`.
@@ -120,7 +124,8 @@ fn top_k(scores: impl Iterator<Item = f32>, keep: usize) -> Vec<(f32, usize)> {
     let mut top: Vec<(f32, usize)> = Vec::with_capacity(keep + 1);
     for (i, s) in scores.enumerate() {
         // Only strictly better scores enter a full list (NaN never does).
-        if top.len() == keep && s.partial_cmp(&top[keep - 1].0) != Some(std::cmp::Ordering::Greater) {
+        if top.len() == keep && s.partial_cmp(&top[keep - 1].0) != Some(std::cmp::Ordering::Greater)
+        {
             continue;
         }
         let at = top.iter().position(|&(ts, _)| s > ts).unwrap_or(top.len());
@@ -163,12 +168,18 @@ pub fn generate_beam(
     let last = h.narrow(1, t - 1, 1)?; // (b, 1, e)
     let expand: Vec<u32> = (0..rows).map(|r| (r / k) as u32).collect();
     let expand = Tensor::from_vec(expand, rows, &dev)?;
-    let mut logits = model.logits(&last, &ctx)?.squeeze(1)?.to_dtype(DType::F32)?.index_select(&expand, 0)?; // (rows, v)
+    let mut logits = model
+        .logits(&last, &ctx)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?
+        .index_select(&expand, 0)?; // (rows, v)
     cache.select_rows(&expand)?;
 
     let v = model.cfg.vocab_size;
     let keep = 2usize.max(1 + eos.len()) * k;
-    let mut beam_scores: Vec<f32> = (0..rows).map(|r| if r % k == 0 { 0.0 } else { -1e9 }).collect();
+    let mut beam_scores: Vec<f32> = (0..rows)
+        .map(|r| if r % k == 0 { 0.0 } else { -1e9 })
+        .collect();
     let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut hyps: Vec<Hypotheses> = (0..b).map(|_| Hypotheses::new(k, length_penalty)).collect();
     let mut done = vec![false; b];
@@ -219,9 +230,14 @@ pub fn generate_beam(
                 }
             }
             if filled < k {
-                return Err(Error::msg(format!("beam search: too few non-EOS candidates among the top {keep}")));
+                return Err(Error::msg(format!(
+                    "beam search: too few non-EOS candidates among the top {keep}"
+                )));
             }
-            let best = top.first().map(|&(s, _)| s as f64).unwrap_or(f64::NEG_INFINITY);
+            let best = top
+                .first()
+                .map(|&(s, _)| s as f64)
+                .unwrap_or(f64::NEG_INFINITY);
             done[i] = hyps[i].is_done(best, generated_len);
         }
         seqs = (0..rows)
@@ -235,7 +251,11 @@ pub fn generate_beam(
         if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
             break;
         }
-        let src = Tensor::from_vec(next_src.iter().map(|&s| s as u32).collect::<Vec<_>>(), rows, &dev)?;
+        let src = Tensor::from_vec(
+            next_src.iter().map(|&s| s as u32).collect::<Vec<_>>(),
+            rows,
+            &dev,
+        )?;
         cache.select_rows(&src)?;
         // Mask (rows, t + step + 1): the prompt's padding, then one real column per new token.
         let s = t + step + 1;

@@ -81,23 +81,37 @@ pub struct LlamaConfig {
 
 fn first_id(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
 
 impl HfConfig {
     pub fn from_json_str(s: &str, path: &std::path::Path) -> Result<Self> {
-        serde_json::from_str(s).map_err(|e| Error::format(path, format!("invalid config.json: {e}")))
+        serde_json::from_str(s)
+            .map_err(|e| Error::format(path, format!("invalid config.json: {e}")))
     }
 
     pub fn resolve(&self) -> Result<LlamaConfig> {
-        let arch_ok = self.model_type.as_deref().map(|m| m == "llama" || m == "mistral" || m == "smollm3" || m == "qwen2").unwrap_or(false)
+        let arch_ok = self
+            .model_type
+            .as_deref()
+            .map(|m| m == "llama" || m == "mistral" || m == "smollm3" || m == "qwen2")
+            .unwrap_or(false)
             || self
                 .architectures
                 .as_ref()
-                .map(|a| a.iter().any(|x| x == "LlamaForCausalLM" || x == "MistralForCausalLM"))
+                .map(|a| {
+                    a.iter()
+                        .any(|x| x == "LlamaForCausalLM" || x == "MistralForCausalLM")
+                })
                 .unwrap_or(false);
         if !arch_ok {
             let name = self
@@ -110,15 +124,26 @@ impl HfConfig {
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(Error::config("hidden_act", format!("`{act}` is not supported (silu only)")));
+                return Err(Error::config(
+                    "hidden_act",
+                    format!("`{act}` is not supported (silu only)"),
+                ));
             }
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
-            return Err(Error::config("num_attention_heads", "must divide hidden_size"));
+        if self.num_attention_heads == 0
+            || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+        {
+            return Err(Error::config(
+                "num_attention_heads",
+                "must divide hidden_size",
+            ));
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
-            return Err(Error::config("num_key_value_heads", "must divide num_attention_heads"));
+            return Err(Error::config(
+                "num_key_value_heads",
+                "must divide num_attention_heads",
+            ));
         }
         let rope_theta = self
             .rope_parameters
@@ -135,7 +160,10 @@ impl HfConfig {
             .and_then(|v| v.as_str())
             .unwrap_or("default");
         if scaling != "default" {
-            return Err(Error::config("rope_scaling", format!("rope type `{scaling}` is not supported")));
+            return Err(Error::config(
+                "rope_scaling",
+                format!("rope type `{scaling}` is not supported"),
+            ));
         }
         let eos = first_id(&self.eos_token_id);
         Ok(LlamaConfig {
@@ -145,7 +173,9 @@ impl HfConfig {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads,
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta,
             max_position_embeddings: self.max_position_embeddings,

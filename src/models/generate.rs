@@ -7,7 +7,13 @@ use crate::error::{Error, Result};
 use crate::models::{Ctx, KvCache, Llama};
 
 /// Generated token ids per prompt (without the prompt, stopping before any of `eos`).
-pub fn generate_greedy(model: &Llama, prompts: &[Vec<u32>], pad_id: u32, max_new_tokens: usize, eos: &[u32]) -> Result<Vec<Vec<u32>>> {
+pub fn generate_greedy(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    max_new_tokens: usize,
+    eos: &[u32],
+) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() {
         return Ok(vec![]);
     }
@@ -40,7 +46,10 @@ pub fn generate_greedy(model: &Llama, prompts: &[Vec<u32>], pad_id: u32, max_new
         let m = Tensor::from_vec(mask_all.clone(), (b, s), &dev)?;
         let h = model.forward_hidden(&input, Some(&m), Some(&positions), Some(&mut cache), &ctx)?;
         let last = h.narrow(1, h.dims()[1] - 1, 1)?; // (b, 1, e)
-        let logits = model.logits(&last, &ctx)?.squeeze(1)?.to_dtype(DType::F32)?; // (b, v)
+        let logits = model
+            .logits(&last, &ctx)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?; // (b, v)
         let next: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         for i in 0..b {
             if !done[i] {
@@ -61,7 +70,14 @@ pub fn generate_greedy(model: &Llama, prompts: &[Vec<u32>], pad_id: u32, max_new
             grown.push(1.0);
         }
         mask_all = grown;
-        input = Tensor::from_vec(next.iter().zip(&done).map(|(&n, &d)| if d { pad_id } else { n }).collect::<Vec<_>>(), (b, 1), &dev)?;
+        input = Tensor::from_vec(
+            next.iter()
+                .zip(&done)
+                .map(|(&n, &d)| if d { pad_id } else { n })
+                .collect::<Vec<_>>(),
+            (b, 1),
+            &dev,
+        )?;
         positions = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
         for p in next_pos.iter_mut() {
             *p += 1;

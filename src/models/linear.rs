@@ -42,7 +42,9 @@ impl Linear {
         let in_dim = *dims.last().expect("linear input has rank >= 1");
         let x2 = x.reshape(((), in_dim))?; // (n, in)
         let y = match (&self.adapter, &self.bias) {
-            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_))), None) if cpu_f32(&[&x2, &self.weight]) => {
+            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_))), None)
+                if cpu_f32(&[&x2, &self.weight]) =>
+            {
                 self.fused_lora_forward(&x2, a, ctx)?
             }
             _ => {
@@ -65,7 +67,10 @@ impl Linear {
     /// LoRA-Dash. `x` is (n, in).
     fn fused_lora_forward(&self, x: &Tensor, adapter: &Adapter, ctx: &Ctx) -> Result<Tensor> {
         let Some(lora) = adapter.as_lora() else {
-            return Err(crate::error::Error::msg(format!("{}: adapter has no LoRA factors", self.path)));
+            return Err(crate::error::Error::msg(format!(
+                "{}: adapter has no LoRA factors",
+                self.path
+            )));
         };
         let dash = adapter.as_dash();
         let (p, seed) = ctx.dropout_seed(lora.dropout);
@@ -86,7 +91,12 @@ impl Linear {
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.adapter
             .as_ref()
-            .map(|a| a.vars().into_iter().map(|(n, v)| (format!("{}.{n}", self.path), v)).collect())
+            .map(|a| {
+                a.vars()
+                    .into_iter()
+                    .map(|(n, v)| (format!("{}.{n}", self.path), v))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -101,5 +111,6 @@ impl Linear {
 
 /// True when every tensor is f32 on the CPU (what the fused kernels take).
 fn cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }

@@ -56,7 +56,11 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -74,7 +78,11 @@ impl KvCache {
 
 fn linear(w: &Weights, path: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
     let weight = w.get_shaped(&format!("{path}.weight"), &[out_dim, in_dim])?;
-    let bias = if bias { Some(w.get_shaped(&format!("{path}.bias"), &[out_dim])?) } else { None };
+    let bias = if bias {
+        Some(w.get_shaped(&format!("{path}.bias"), &[out_dim])?)
+    } else {
+        None
+    };
     Ok(Linear::new(path, weight, bias))
 }
 
@@ -91,16 +99,52 @@ impl Llama {
             blocks.push(Block {
                 input_norm: w.get_shaped(&format!("{p}.input_layernorm.weight"), &[e])?,
                 attn: Attention {
-                    q: linear(w, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, e, ab)?,
-                    k: linear(w, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, e, ab)?,
-                    v: linear(w, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, e, ab)?,
-                    o: linear(w, &format!("{p}.self_attn.o_proj"), e, cfg.num_heads * hd, ab)?,
+                    q: linear(
+                        w,
+                        &format!("{p}.self_attn.q_proj"),
+                        cfg.num_heads * hd,
+                        e,
+                        ab,
+                    )?,
+                    k: linear(
+                        w,
+                        &format!("{p}.self_attn.k_proj"),
+                        cfg.num_kv_heads * hd,
+                        e,
+                        ab,
+                    )?,
+                    v: linear(
+                        w,
+                        &format!("{p}.self_attn.v_proj"),
+                        cfg.num_kv_heads * hd,
+                        e,
+                        ab,
+                    )?,
+                    o: linear(
+                        w,
+                        &format!("{p}.self_attn.o_proj"),
+                        e,
+                        cfg.num_heads * hd,
+                        ab,
+                    )?,
                 },
                 post_norm: w.get_shaped(&format!("{p}.post_attention_layernorm.weight"), &[e])?,
                 mlp: Mlp {
-                    gate: linear(w, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, e, mb)?,
+                    gate: linear(
+                        w,
+                        &format!("{p}.mlp.gate_proj"),
+                        cfg.intermediate_size,
+                        e,
+                        mb,
+                    )?,
                     up: linear(w, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, e, mb)?,
-                    down: linear(w, &format!("{p}.mlp.down_proj"), e, cfg.intermediate_size, mb)?,
+                    down: linear(
+                        w,
+                        &format!("{p}.mlp.down_proj"),
+                        e,
+                        cfg.intermediate_size,
+                        mb,
+                    )?,
                 },
             });
         }
@@ -122,7 +166,17 @@ impl Llama {
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.blocks
             .iter()
-            .flat_map(|b| [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down])
+            .flat_map(|b| {
+                [
+                    &b.attn.q,
+                    &b.attn.k,
+                    &b.attn.v,
+                    &b.attn.o,
+                    &b.mlp.gate,
+                    &b.mlp.up,
+                    &b.mlp.down,
+                ]
+            })
             .chain(std::iter::once(&self.lm_head))
     }
 
@@ -148,7 +202,8 @@ impl Llama {
         for l in self.linears_mut() {
             if m.matches(&l.path) {
                 let mut rng = Rng::derive(seed, &l.path);
-                let lora = LoraLayer::init(l.in_dim(), l.out_dim(), cfg.r, scale, cfg.dropout, &mut rng)?;
+                let lora =
+                    LoraLayer::init(l.in_dim(), l.out_dim(), cfg.r, scale, cfg.dropout, &mut rng)?;
                 l.adapter = Some(Adapter::Lora(lora));
                 done.push(l.path.clone());
             }
@@ -156,7 +211,11 @@ impl Llama {
         if done.is_empty() {
             return Err(Error::NoTargetMatch {
                 spec: cfg.target_modules.describe(),
-                example: self.linears().next().map(|l| l.path.clone()).unwrap_or_default(),
+                example: self
+                    .linears()
+                    .next()
+                    .map(|l| l.path.clone())
+                    .unwrap_or_default(),
             });
         }
         Ok(done)
@@ -172,7 +231,10 @@ impl Llama {
             if m.matches(&l.path) {
                 if l.path == "lm_head" && tied {
                     // The merged model could not hold a head that differs from the embeddings.
-                    return Err(Error::config("target_modules", "lm_head is tied to the embeddings and cannot be fully fine-tuned"));
+                    return Err(Error::config(
+                        "target_modules",
+                        "lm_head is tied to the embeddings and cannot be fully fine-tuned",
+                    ));
                 }
                 l.adapter = Some(Adapter::Full(FullDelta::zeros(l.in_dim(), l.out_dim())?));
                 done.push(l.path.clone());
@@ -181,7 +243,11 @@ impl Llama {
         if done.is_empty() {
             return Err(Error::NoTargetMatch {
                 spec: targets.describe(),
-                example: self.linears().next().map(|l| l.path.clone()).unwrap_or_default(),
+                example: self
+                    .linears()
+                    .next()
+                    .map(|l| l.path.clone())
+                    .unwrap_or_default(),
             });
         }
         Ok(done)
@@ -209,14 +275,27 @@ impl Llama {
         w.insert("model.embed_tokens.weight", self.embed.clone());
         w.insert("model.norm.weight", self.norm.clone());
         for (i, b) in self.blocks.iter().enumerate() {
-            w.insert(format!("model.layers.{i}.input_layernorm.weight"), b.input_norm.clone());
-            w.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_norm.clone());
+            w.insert(
+                format!("model.layers.{i}.input_layernorm.weight"),
+                b.input_norm.clone(),
+            );
+            w.insert(
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                b.post_norm.clone(),
+            );
         }
         for l in self.linears() {
             if l.path == "lm_head" && self.cfg.tie_word_embeddings {
                 continue;
             }
-            w.insert(format!("{}.weight", l.path), if merged { l.merged_weight()? } else { l.weight.clone() });
+            w.insert(
+                format!("{}.weight", l.path),
+                if merged {
+                    l.merged_weight()?
+                } else {
+                    l.weight.clone()
+                },
+            );
             if let Some(b) = &l.bias {
                 w.insert(format!("{}.bias", l.path), b.clone());
             }
@@ -256,7 +335,10 @@ impl Llama {
         }
 
         let ids = input_ids.flatten_all()?;
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.blocks.len() {
                 c.layers = (0..self.blocks.len()).map(|_| None).collect();
@@ -282,14 +364,25 @@ impl Llama {
     }
 
     /// Logits (b, t, v) of every position.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, None, None, ctx)?;
         self.logits(&h, ctx)
     }
 
     /// Mean next-token cross-entropy; `labels` (b, t) are already shifted (label of
     /// position i is the token at i+1, −100 where ignored).
-    pub fn loss(&self, input_ids: &Tensor, attention_mask: &Tensor, labels: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        labels: &Tensor,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, Some(attention_mask), None, None, ctx)?; // (b, t, e)
         self.loss_from_hidden(&h, labels, ctx)
     }
@@ -320,9 +413,21 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _e) = x.dims3()?;
         let (h, g, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let q = a.q.forward(x, ctx)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?; // (b, h, t, d)
-        let k = a.k.forward(x, ctx)?.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
-        let v = a.v.forward(x, ctx)?.reshape((b, t, g, d))?.transpose(1, 2)?.contiguous()?; // (b, g, t, d)
+        let q =
+            a.q.forward(x, ctx)?
+                .reshape((b, t, h, d))?
+                .transpose(1, 2)?
+                .contiguous()?; // (b, h, t, d)
+        let k =
+            a.k.forward(x, ctx)?
+                .reshape((b, t, g, d))?
+                .transpose(1, 2)?
+                .contiguous()?; // (b, g, t, d)
+        let v =
+            a.v.forward(x, ctx)?
+                .reshape((b, t, g, d))?
+                .transpose(1, 2)?
+                .contiguous()?; // (b, g, t, d)
         let q = ops::rope(&q, cos, sin)?;
         let mut k = ops::rope(&k, cos, sin)?;
         let mut v = v;
@@ -341,11 +446,19 @@ impl Llama {
     }
 
     /// cos/sin tables (b, t, d/2) for the given positions, computed in f32 like transformers.
-    fn rope_tables(&self, pos: &[u32], b: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(
+        &self,
+        pos: &[u32],
+        b: usize,
+        t: usize,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.cfg.head_dim / 2;
         let d = self.cfg.head_dim as f32;
         let base = self.cfg.rope_theta as f32;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0f32 / base.powf((2 * i) as f32 / d)).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / d))
+            .collect();
         let mut cos = Vec::with_capacity(pos.len() * half);
         let mut sin = Vec::with_capacity(pos.len() * half);
         for &p in pos {
@@ -355,7 +468,10 @@ impl Llama {
                 sin.push(a.sin());
             }
         }
-        Ok((Tensor::from_vec(cos, (b, t, half), dev)?, Tensor::from_vec(sin, (b, t, half), dev)?))
+        Ok((
+            Tensor::from_vec(cos, (b, t, half), dev)?,
+            Tensor::from_vec(sin, (b, t, half), dev)?,
+        ))
     }
 }
 

@@ -1,9 +1,9 @@
 //! Model code: frozen base layers that accept adapters, and the architectures built on them.
 
-pub mod config;
-pub mod linear;
 pub mod beam;
+pub mod config;
 pub mod generate;
+pub mod linear;
 pub mod llama;
 
 use std::cell::RefCell;

@@ -18,7 +18,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{
-    dot_f32, exp_f32, f32_data, is_cpu_f32, matmul_into, row_max, simd, storage_f32, sum_f32, CResult, MatView,
+    dot_f32, exp_f32, f32_data, is_cpu_f32, matmul_into, row_max, simd, storage_f32, sum_f32,
+    CResult, MatView,
 };
 use crate::error::{Error, Result};
 
@@ -37,7 +38,11 @@ pub fn causal_attention(
         return Err(Error::ShapeMismatch {
             name: "causal_attention key/value".into(),
             expected: vec![b, kvh, s, d],
-            got: if k.dims()[0] != b || k.dims()[3] != d { k.dims().to_vec() } else { v.dims().to_vec() },
+            got: if k.dims()[0] != b || k.dims()[3] != d {
+                k.dims().to_vec()
+            } else {
+                v.dims().to_vec()
+            },
         });
     }
     if kvh == 0 || h % kvh != 0 {
@@ -62,8 +67,25 @@ pub fn causal_attention(
     if !(is_cpu_f32(q) && is_cpu_f32(k) && is_cpu_f32(v)) {
         return super::reference::causal_attention(q, k, v, key_mask, q_offset);
     }
-    let geo = Geometry { b, h, kvh, t, s, d, q_offset, scale: 1.0 / (d as f32).sqrt(), keep };
-    Ok(q.apply_op3(k, v, Attention { geo, lse: Mutex::new(None) })?)
+    let geo = Geometry {
+        b,
+        h,
+        kvh,
+        t,
+        s,
+        d,
+        q_offset,
+        scale: 1.0 / (d as f32).sqrt(),
+        keep,
+    };
+    Ok(q.apply_op3(
+        k,
+        v,
+        Attention {
+            geo,
+            lse: Mutex::new(None),
+        },
+    )?)
 }
 
 #[derive(Clone)]
@@ -122,36 +144,39 @@ impl CustomOp3 for Attention {
             let q = f32_data(s1, l1, "causal-attention")?;
             let k = f32_data(s2, l2, "causal-attention")?;
             let v = f32_data(s3, l3, "causal-attention")?;
-            out.par_chunks_mut(t * d).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(bh, (o, lse))| {
-                let (bi, hi) = (bh / g.h, bh % g.h);
-                let kv = bi * g.kvh + hi / g.rep();
-                let qh = MatView::rows(&q[bh * t * d..][..t * d], t, d);
-                let kh = MatView::rows(&k[kv * s * d..][..s * d], s, d);
-                let vh = MatView::rows(&v[kv * s * d..][..s * d], s, d);
-                // (t, s) probabilities of this head only.
-                let mut p = vec![0f32; t * s];
-                matmul_into(&mut p, qh, kh.t(), g.scale, false, false);
-                simd(|| {
-                    for (i, row) in p.chunks_mut(s).enumerate() {
-                        for (j, x) in row.iter_mut().enumerate() {
-                            if !g.allowed(bi, i, j) {
-                                *x = f32::NEG_INFINITY;
+            out.par_chunks_mut(t * d)
+                .zip(lse.par_chunks_mut(t))
+                .enumerate()
+                .for_each(|(bh, (o, lse))| {
+                    let (bi, hi) = (bh / g.h, bh % g.h);
+                    let kv = bi * g.kvh + hi / g.rep();
+                    let qh = MatView::rows(&q[bh * t * d..][..t * d], t, d);
+                    let kh = MatView::rows(&k[kv * s * d..][..s * d], s, d);
+                    let vh = MatView::rows(&v[kv * s * d..][..s * d], s, d);
+                    // (t, s) probabilities of this head only.
+                    let mut p = vec![0f32; t * s];
+                    matmul_into(&mut p, qh, kh.t(), g.scale, false, false);
+                    simd(|| {
+                        for (i, row) in p.chunks_mut(s).enumerate() {
+                            for (j, x) in row.iter_mut().enumerate() {
+                                if !g.allowed(bi, i, j) {
+                                    *x = f32::NEG_INFINITY;
+                                }
                             }
+                            let max = row_max(row);
+                            if max == f32::NEG_INFINITY {
+                                row.iter_mut().for_each(|x| *x = 0.0);
+                                continue;
+                            }
+                            row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+                            let sum = sum_f32(row);
+                            lse[i] = max + sum.ln() as f32;
+                            let inv = (1.0 / sum) as f32;
+                            row.iter_mut().for_each(|x| *x *= inv);
                         }
-                        let max = row_max(row);
-                        if max == f32::NEG_INFINITY {
-                            row.iter_mut().for_each(|x| *x = 0.0);
-                            continue;
-                        }
-                        row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-                        let sum = sum_f32(row);
-                        lse[i] = max + sum.ln() as f32;
-                        let inv = (1.0 / sum) as f32;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
+                    });
+                    matmul_into(o, MatView::rows(&p, t, s), vh, 1.0, false, false);
                 });
-                matmul_into(o, MatView::rows(&p, t, s), vh, 1.0, false, false);
-            });
         }
         if let Ok(mut saved) = self.lse.lock() {
             *saved = Some(Arc::new(lse));
@@ -169,15 +194,29 @@ impl CustomOp3 for Attention {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = match self.lse.lock().ok().and_then(|s| s.clone()) {
             Some(l) => l,
-            None => return Err(candle_core::Error::Msg("causal_attention: backward before forward".into()).bt()),
+            None => {
+                return Err(candle_core::Error::Msg(
+                    "causal_attention: backward before forward".into(),
+                )
+                .bt())
+            }
         };
-        let bwd = AttentionBwd { geo: self.geo.clone(), lse, out: res.clone(), dy: grad.clone() };
+        let bwd = AttentionBwd {
+            geo: self.geo.clone(),
+            lse,
+            out: res.clone(),
+            dy: grad.clone(),
+        };
         let packed = q.apply_op3_no_bwd(k, v, &bwd)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
         let dv = packed.narrow(0, nq + nk, nk)?.reshape(k.shape())?;
-        Ok((Some(dq), k.track_op().then_some(dk), v.track_op().then_some(dv)))
+        Ok((
+            Some(dq),
+            k.track_op().then_some(dk),
+            v.track_op().then_some(dv),
+        ))
     }
 }
 
@@ -235,7 +274,14 @@ impl CustomOp3 for AttentionBwd {
                     let (qh, oh, dyh) = (&q[span.clone()], &o[span.clone()], &dy[span]);
                     let lse = &self.lse[bh * t..][..t];
                     // P = exp(scale · Q Kᵀ - lse), masked entries exactly 0.
-                    matmul_into(&mut p, MatView::rows(qh, t, d), kh.t(), g.scale, false, false);
+                    matmul_into(
+                        &mut p,
+                        MatView::rows(qh, t, d),
+                        kh.t(),
+                        g.scale,
+                        false,
+                        false,
+                    );
                     // dP = dO Vᵀ
                     matmul_into(&mut ds, MatView::rows(dyh, t, d), vh.t(), 1.0, false, false);
                     simd(|| {
@@ -244,7 +290,11 @@ impl CustomOp3 for AttentionBwd {
                             let drow = &mut ds[i * s..][..s];
                             let delta = dot_f32(&dyh[i * d..][..d], &oh[i * d..][..d]) as f32;
                             for j in 0..s {
-                                let pij = if g.allowed(bi, i, j) { exp_f32(prow[j] - lse[i]) } else { 0.0 };
+                                let pij = if g.allowed(bi, i, j) {
+                                    exp_f32(prow[j] - lse[i])
+                                } else {
+                                    0.0
+                                };
                                 prow[j] = pij;
                                 drow[j] = pij * (drow[j] - delta);
                             }
@@ -268,13 +318,26 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Compares values and all three gradients with the composed reference.
-    fn compare(dims_q: [usize; 4], kvh: usize, s: usize, mask: Option<&Tensor>, q_offset: usize, label: &str) -> Result<()> {
+    fn compare(
+        dims_q: [usize; 4],
+        kvh: usize,
+        s: usize,
+        mask: Option<&Tensor>,
+        q_offset: usize,
+        label: &str,
+    ) -> Result<()> {
         let [b, _h, _t, d] = dims_q;
         let q = Var::from_tensor(&randn(&dims_q, 61)?)?;
         let k = Var::from_tensor(&randn(&[b, kvh, s, d], 62)?)?;
         let v = Var::from_tensor(&randn(&[b, kvh, s, d], 63)?)?;
         let y = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, q_offset)?;
-        let y_ref = reference::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, q_offset)?;
+        let y_ref = reference::causal_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            mask,
+            q_offset,
+        )?;
         let diff = max_abs_diff(&y, &y_ref)?;
         println!("attention {label} forward max |diff| = {diff:e}");
         assert!(diff < 1e-5);
@@ -292,7 +355,10 @@ mod tests {
     #[test]
     fn gqa_with_padding_and_offset_matches_reference() -> Result<()> {
         // Left padding on the second sequence; queries start at absolute position 2.
-        let mask = Tensor::new(&[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 1.]], &Device::Cpu)?;
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1., 1.]],
+            &Device::Cpu,
+        )?;
         compare([2, 4, 5, 8], 2, 7, Some(&mask), 2, "gqa+mask+offset")?;
         compare([1, 3, 6, 4], 3, 6, None, 0, "mha square")?;
         Ok(())
@@ -335,7 +401,10 @@ mod tests {
         assert!(causal_attention(&q, &k, &k, None, 0).is_err());
         let k = randn(&[1, 1, 2, 4], 2)?;
         let bad_mask = Tensor::ones((1, 3), DType::F32, &Device::Cpu)?;
-        assert!(matches!(causal_attention(&q, &k, &k, Some(&bad_mask), 0), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            causal_attention(&q, &k, &k, Some(&bad_mask), 0),
+            Err(Error::ShapeMismatch { .. })
+        ));
         Ok(())
     }
 }

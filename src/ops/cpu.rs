@@ -17,7 +17,11 @@ pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
 
 /// The f32 data of `s` viewed through `l`, row-major. Borrowed when the layout is already
 /// contiguous (the common case), gathered into a fresh buffer otherwise.
-pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> CResult<Cow<'a, [f32]>> {
+pub(crate) fn f32_data<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> CResult<Cow<'a, [f32]>> {
     let v = match s {
         CpuStorage::F32(v) => v.as_slice(),
         other => {
@@ -37,7 +41,11 @@ pub(crate) fn f32_storage<'a>(s: &'a CpuStorage, op: &'static str) -> CResult<&'
 
 /// The f32 data of a tensor's storage (from `Tensor::storage_and_layout`), for tensors an
 /// op holds rather than receives as arguments.
-pub(crate) fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout, op: &'static str) -> CResult<Cow<'a, [f32]>> {
+pub(crate) fn storage_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    op: &'static str,
+) -> CResult<Cow<'a, [f32]>> {
     match s {
         candle_core::Storage::Cpu(s) => f32_data(s, l, op),
         _ => Err(candle_core::Error::Msg(format!("{op}: expected a CPU tensor")).bt()),
@@ -45,7 +53,11 @@ pub(crate) fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout, op: &'sta
 }
 
 /// The i64 data of `s` viewed through `l`, row-major.
-pub(crate) fn i64_data<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> CResult<Cow<'a, [i64]>> {
+pub(crate) fn i64_data<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> CResult<Cow<'a, [i64]>> {
     let v = match s {
         CpuStorage::I64(v) => v.as_slice(),
         other => {
@@ -112,12 +124,24 @@ pub(crate) struct MatView<'a> {
 impl<'a> MatView<'a> {
     /// Dense row-major `rows × cols`.
     pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatView { data, rows, cols, rs: cols, cs: 1 }
+        MatView {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// The transpose, without touching the data.
     pub fn t(self) -> Self {
-        MatView { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatView {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 }
 
@@ -127,7 +151,14 @@ impl<'a> MatView<'a> {
 ///
 /// Runs on faer's matmul: on the AVX2 machines this targets it is about 1.5–2× as fast as
 /// the `gemm` crate candle's own CPU matmul uses (same shapes, same thread count).
-pub(crate) fn matmul_into(dst: &mut [f32], a: MatView, b: MatView, alpha: f32, accumulate: bool, parallel: bool) {
+pub(crate) fn matmul_into(
+    dst: &mut [f32],
+    a: MatView,
+    b: MatView,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() >= m * n, "matmul shapes");
     if m == 0 || n == 0 {
@@ -142,20 +173,46 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: MatView, b: MatView, alpha: f32, a
     }
     // The last element each operand touches must be in bounds: the views below are built
     // from raw pointers, so check here instead of trusting the caller's strides.
-    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "matmul lhs out of bounds");
-    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len(), "matmul rhs out of bounds");
+    assert!(
+        (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(),
+        "matmul lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
+        "matmul rhs out of bounds"
+    );
     let threads = rayon::current_num_threads();
-    let par = if parallel && threads > 1 { faer::Par::rayon(threads) } else { faer::Par::Seq };
+    let par = if parallel && threads > 1 {
+        faer::Par::rayon(threads)
+    } else {
+        faer::Par::Seq
+    };
     // SAFETY: every (row, col) of both views addresses an in-bounds element (checked above)
     // and the views only read.
     let (av, bv) = unsafe {
         (
-            faer::MatRef::<f32>::from_raw_parts(a.data.as_ptr(), m, k, a.rs as isize, a.cs as isize),
-            faer::MatRef::<f32>::from_raw_parts(b.data.as_ptr(), k, n, b.rs as isize, b.cs as isize),
+            faer::MatRef::<f32>::from_raw_parts(
+                a.data.as_ptr(),
+                m,
+                k,
+                a.rs as isize,
+                a.cs as isize,
+            ),
+            faer::MatRef::<f32>::from_raw_parts(
+                b.data.as_ptr(),
+                k,
+                n,
+                b.rs as isize,
+                b.cs as isize,
+            ),
         )
     };
     let c = faer::MatMut::from_row_major_slice_mut(dst, m, n);
-    let acc = if accumulate { faer::Accum::Add } else { faer::Accum::Replace };
+    let acc = if accumulate {
+        faer::Accum::Add
+    } else {
+        faer::Accum::Replace
+    };
     faer::linalg::matmul::matmul(c, acc, av, bv, alpha, par);
 }
 
@@ -183,7 +240,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let fx = r - ROUND;
     let z = xc - fx * C1 - fx * C2;
     let z2 = z * z;
-    let p = ((((1.987_569_1e-4 * z + 1.398_199_9e-3) * z + 8.333_452e-3) * z + 4.166_579_6e-2) * z + 1.666_666_5e-1)
+    let p = ((((1.987_569_1e-4 * z + 1.398_199_9e-3) * z + 8.333_452e-3) * z + 4.166_579_6e-2) * z
+        + 1.666_666_5e-1)
         * z
         + 0.5;
     let y = p * z2 + z + 1.0;
@@ -330,8 +388,12 @@ mod tests {
 
     #[test]
     fn reductions_match_naive_sums() {
-        let x: Vec<f32> = (0..1003).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let y: Vec<f32> = (0..1003).map(|i| ((i * 13 % 97) as f32 - 48.0) / 9.0).collect();
+        let x: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let y: Vec<f32> = (0..1003)
+            .map(|i| ((i * 13 % 97) as f32 - 48.0) / 9.0)
+            .collect();
         let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         assert_eq!(row_max(&x), m);
         let naive: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
@@ -344,7 +406,10 @@ mod tests {
         println!("sum of 3e6 × 0.1 = {}", sum_f32(&long));
         assert!((sum_f32(&long) - 300_000.0).abs() < 1.0);
         let naive_dot: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
-        println!("dot rel err {:e}", ((dot_f32(&x, &y) - naive_dot) / naive_dot).abs());
+        println!(
+            "dot rel err {:e}",
+            ((dot_f32(&x, &y) - naive_dot) / naive_dot).abs()
+        );
         assert!(((dot_f32(&x, &y) - naive_dot) / naive_dot).abs() < 1e-5);
         assert!((sum_f32(&x) - x.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-3);
     }

@@ -45,7 +45,13 @@ impl CustomOp2 for SiluMul {
         "silu-mul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let g = f32_data(s1, l1, "silu-mul")?;
         let u = f32_data(s2, l2, "silu-mul")?;
         let mut out = vec![0f32; g.len()];
@@ -106,7 +112,11 @@ impl CustomOp3 for SiluMulBwd {
         let (dg, du) = out.split_at_mut(n);
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+            .zip(
+                g.par_chunks(CHUNK)
+                    .zip(u.par_chunks(CHUNK))
+                    .zip(dy.par_chunks(CHUNK)),
+            )
             .for_each(|((dg, du), ((g, u), dy))| {
                 simd(|| {
                     for i in 0..g.len() {
@@ -127,7 +137,9 @@ impl CustomOp3 for SiluMulBwd {
 /// when the draw is `>= p`), so a restored `Rng` replays it. Identity when `p == 0`.
 pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::msg(format!("dropout probability {p} is outside [0, 1)")));
+        return Err(Error::msg(format!(
+            "dropout probability {p} is outside [0, 1)"
+        )));
     }
     if p == 0.0 {
         return Ok(x.clone());
@@ -159,7 +171,9 @@ impl CustomOp1 for Dropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "dropout")?;
         if x.len() != self.keep.len() {
-            return Err(candle_core::Error::Msg("dropout: mask size does not match input".into()).bt());
+            return Err(
+                candle_core::Error::Msg("dropout: mask size does not match input".into()).bt(),
+            );
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
@@ -241,18 +255,32 @@ mod tests {
         let p = 0.3f32;
         let y = dropout(x.as_tensor(), p, &mut Rng::new(9))?;
         let y2 = dropout(x.as_tensor(), p, &mut Rng::new(9))?;
-        assert_eq!(max_abs_diff(&y, &y2)?, 0.0, "same seed must give the same mask");
+        assert_eq!(
+            max_abs_diff(&y, &y2)?,
+            0.0,
+            "same seed must give the same mask"
+        );
 
         // Mask equals the documented draw order: kept iff next_f32() >= p.
         let mut rng = Rng::new(9);
         let expect: Vec<f32> = (0..64 * 50)
-            .map(|_| if rng.next_f32() >= p { 1.0 / (1.0 - p) } else { 0.0 })
+            .map(|_| {
+                if rng.next_f32() >= p {
+                    1.0 / (1.0 - p)
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let expect = Tensor::from_vec(expect, (64, 50), x.device())?;
         let d = max_abs_diff(&y, &(x.as_tensor() * &expect)?)?;
         println!("dropout vs explicit mask max |diff| = {d:e}");
         assert!(d < 1e-6);
-        let kept = expect.gt(0.0)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        let kept = expect
+            .gt(0.0)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
         println!("dropout kept fraction {kept} (expected {})", 1.0 - p);
         assert!((kept - (1.0 - p)).abs() < 0.03);
 

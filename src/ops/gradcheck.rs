@@ -59,7 +59,10 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     }
     let a = host_f64(a)?;
     let b = host_f64(b)?;
-    Ok(a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max))
+    Ok(a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max))
 }
 
 /// Largest `|a - b| / max(1e-6, max |b|)`: a relative error against `b`'s scale.
@@ -76,7 +79,13 @@ pub fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
 /// Compares candle's backward through `f` with central differences of step `h`, for each
 /// input index in `wrt` (those inputs must be float tensors). Prints a summary line and
 /// returns the report; fails with [`Error::NoGradient`] when an input got no gradient.
-pub fn finite_difference_check<F>(name: &str, f: F, inputs: &[Tensor], wrt: &[usize], h: f64) -> Result<GradCheckReport>
+pub fn finite_difference_check<F>(
+    name: &str,
+    f: F,
+    inputs: &[Tensor],
+    wrt: &[usize],
+    h: f64,
+) -> Result<GradCheckReport>
 where
     F: Fn(&[Tensor]) -> Result<Tensor>,
 {
@@ -90,7 +99,8 @@ where
     }
     let out = f(&tracked)?;
     let proj_host = Rng::new(0x5eed).uniform_vec(out.elem_count(), -1.0, 1.0);
-    let proj = Tensor::from_vec(proj_host.clone(), out.shape(), out.device())?.to_dtype(out.dtype())?;
+    let proj =
+        Tensor::from_vec(proj_host.clone(), out.shape(), out.device())?.to_dtype(out.dtype())?;
     let grads = (out * &proj)?.sum_all()?.backward()?;
     let proj_host: Vec<f64> = proj_host.iter().map(|&p| p as f64).collect();
     let loss = |ts: &[Tensor]| -> Result<f64> {
@@ -153,7 +163,12 @@ mod tests {
     use super::*;
     use candle_core::D;
 
-    fn check(name: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], wrt: &[usize]) -> Result<()> {
+    fn check(
+        name: &str,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        inputs: &[Tensor],
+        wrt: &[usize],
+    ) -> Result<()> {
         let rep = finite_difference_check(name, f, inputs, wrt, 1e-2)?;
         rep.assert_within(5e-4);
         Ok(())
@@ -169,10 +184,25 @@ mod tests {
         check("silu", |t| Ok(t[0].silu()?), std::slice::from_ref(&a), &[0])?;
         check("exp", |t| Ok(t[0].exp()?), std::slice::from_ref(&a), &[0])?;
         // embedding lookup = index_select on rows; repeated ids must accumulate.
-        check("index_select", |t| Ok(t[0].index_select(&ids, 0)?), std::slice::from_ref(&a), &[0])?;
+        check(
+            "index_select",
+            |t| Ok(t[0].index_select(&ids, 0)?),
+            std::slice::from_ref(&a),
+            &[0],
+        )?;
         let gidx = Tensor::new(&[[1u32, 0], [5, 5], [2, 3], [0, 0]], &dev)?;
-        check("gather", |t| Ok(t[0].gather(&gidx, D::Minus1)?), std::slice::from_ref(&a), &[0])?;
-        check("narrow", |t| Ok(t[0].narrow(1, 2, 3)?), std::slice::from_ref(&a), &[0])?;
+        check(
+            "gather",
+            |t| Ok(t[0].gather(&gidx, D::Minus1)?),
+            std::slice::from_ref(&a),
+            &[0],
+        )?;
+        check(
+            "narrow",
+            |t| Ok(t[0].narrow(1, 2, 3)?),
+            std::slice::from_ref(&a),
+            &[0],
+        )?;
         check(
             "cat",
             |t| Ok(Tensor::cat(&[&t[0], &t[1]], 1)?),
@@ -197,7 +227,12 @@ mod tests {
             &[a.clone(), row.clone()],
             &[0, 1],
         )?;
-        check("broadcast_as", |t| Ok(t[0].broadcast_as((3, 6))?), std::slice::from_ref(&row), &[0])?;
+        check(
+            "broadcast_as",
+            |t| Ok(t[0].broadcast_as((3, 6))?),
+            std::slice::from_ref(&row),
+            &[0],
+        )?;
         check(
             "matmul",
             |t| Ok(t[0].matmul(&t[1].t()?)?),

@@ -39,20 +39,39 @@ struct FrozenLinearBwd {
 
 /// Runs `x (m, k)` against the weight's storage. `transpose_w` selects `x · wᵀ` (forward,
 /// k = in) or `x · w` (backward, k = out).
-fn apply_weight(w: &Tensor, x: &[f32], lead: &[usize], transpose_w: bool) -> CResult<(CpuStorage, Shape)> {
+fn apply_weight(
+    w: &Tensor,
+    x: &[f32],
+    lead: &[usize],
+    transpose_w: bool,
+) -> CResult<(CpuStorage, Shape)> {
     let (w_store, w_l) = w.storage_and_layout();
     let wv: &[f32] = match &*w_store {
         Storage::Cpu(CpuStorage::F32(v)) => v.as_slice(),
-        _ => return Err(candle_core::Error::Msg("frozen_linear: weight must be f32 on the CPU".into()).bt()),
+        _ => {
+            return Err(candle_core::Error::Msg(
+                "frozen_linear: weight must be f32 on the CPU".into(),
+            )
+            .bt())
+        }
     };
     let (rows, cols) = (w_l.dims()[0], w_l.dims()[1]);
     let (s_row, s_col) = (w_l.stride()[0], w_l.stride()[1]);
     let wv = &wv[w_l.start_offset()..];
-    let w = MatView { data: wv, rows, cols, rs: s_row, cs: s_col };
+    let w = MatView {
+        data: wv,
+        rows,
+        cols,
+        rs: s_row,
+        cs: s_col,
+    };
     // Forward reads wᵀ (in, out); backward reads w (out, in).
     let rhs = if transpose_w { w.t() } else { w };
     let (k, n) = (rhs.rows, rhs.cols);
-    let m = x.len().checked_div(k).unwrap_or_else(|| lead.iter().product());
+    let m = x
+        .len()
+        .checked_div(k)
+        .unwrap_or_else(|| lead.iter().product());
     let mut out = vec![0f32; m * n];
     matmul_into(&mut out, MatView::rows(x, m, k), rhs, 1.0, false, true);
     let mut dims = lead.to_vec();
@@ -126,7 +145,9 @@ mod tests {
         assert!(g.get(&x).is_some());
         // Even a Var weight is treated as frozen: the op detaches it.
         let wv = Var::from_tensor(&w)?;
-        let g = frozen_linear(x.as_tensor(), wv.as_tensor())?.sum_all()?.backward()?;
+        let g = frozen_linear(x.as_tensor(), wv.as_tensor())?
+            .sum_all()?
+            .backward()?;
         assert!(g.get(&wv).is_none());
         let dx = g.get(&x).expect("dx");
         // d/dx sum(x wᵀ) = 1ᵀ w: every row equals the column sums of w.
@@ -176,6 +197,9 @@ mod tests {
     fn shape_errors_are_reported() {
         let x = randn(&[3, 8], 1).expect("x");
         let w = randn(&[6, 7], 2).expect("w");
-        assert!(matches!(frozen_linear(&x, &w), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            frozen_linear(&x, &w),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }

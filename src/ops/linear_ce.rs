@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp_f32, i64_data, is_cpu_f32, matmul_into, row_max, simd, sum_exp, CResult, MatView};
+use super::cpu::{
+    exp_f32, i64_data, is_cpu_f32, matmul_into, row_max, simd, sum_exp, CResult, MatView,
+};
 use super::lora_linear::{tensor_view, view};
 use super::IGNORE_INDEX;
 use crate::error::{Error, Result};
@@ -92,7 +94,13 @@ fn scored_rows(labels: &[i64], v: usize) -> CResult<Vec<(usize, usize)>> {
 
 /// `logits (len, v) = h[rows] · wᵀ` for one chunk of scored rows; `hbuf` holds the
 /// gathered rows of `h` (len, e).
-fn chunk_logits(h: MatView, w: MatView, rows: &[(usize, usize)], hbuf: &mut Vec<f32>, logits: &mut Vec<f32>) {
+fn chunk_logits(
+    h: MatView,
+    w: MatView,
+    rows: &[(usize, usize)],
+    hbuf: &mut Vec<f32>,
+    logits: &mut Vec<f32>,
+) {
     let (e, v, len) = (h.cols, w.rows, rows.len());
     hbuf.resize(len * e, 0.0);
     for (dst, &(r, _)) in hbuf.chunks_mut(e.max(1)).zip(rows) {
@@ -119,7 +127,13 @@ impl CustomOp2 for LinearCrossEntropy {
         "linear-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let h = view(s1, l1, "linear-cross-entropy h")?;
         let labels = i64_data(s2, l2, "linear-cross-entropy")?;
         let (ws, wl) = self.w.storage_and_layout();
@@ -127,7 +141,11 @@ impl CustomOp2 for LinearCrossEntropy {
         let (n, e, v) = (h.rows, h.cols, w.rows);
         let rows = scored_rows(&labels, v)?;
         // d mean / d logit = (softmax - onehot) / count on scored rows.
-        let inv_count = if rows.is_empty() { 0.0 } else { 1.0 / rows.len() as f32 };
+        let inv_count = if rows.is_empty() {
+            0.0
+        } else {
+            1.0 / rows.len() as f32
+        };
         let mut dh = self.with_grad.then(|| vec![0f32; n * e]);
         let mut total = 0f64;
         let (mut hbuf, mut logits, mut dchunk) = (Vec::new(), Vec::new(), Vec::new());
@@ -155,13 +173,24 @@ impl CustomOp2 for LinearCrossEntropy {
             total += losses.iter().sum::<f64>();
             if let Some(dh) = dh.as_mut() {
                 dchunk.resize(chunk.len() * e, 0.0);
-                matmul_into(&mut dchunk, MatView::rows(&logits, chunk.len(), v), w, 1.0, false, true);
+                matmul_into(
+                    &mut dchunk,
+                    MatView::rows(&logits, chunk.len(), v),
+                    w,
+                    1.0,
+                    false,
+                    true,
+                );
                 for (src, &(r, _)) in dchunk.chunks(e.max(1)).zip(chunk) {
                     dh[r * e..(r + 1) * e].copy_from_slice(src);
                 }
             }
         }
-        let mean = if rows.is_empty() { 0.0 } else { total / rows.len() as f64 };
+        let mean = if rows.is_empty() {
+            0.0
+        } else {
+            total / rows.len() as f64
+        };
         if let Ok(mut saved) = self.saved.lock() {
             *saved = dh;
         }
@@ -185,7 +214,10 @@ impl CustomOp2 for LinearCrossEntropy {
             .lock()
             .map_err(|_| candle_core::Error::Msg("linear_cross_entropy: poisoned state".into()))?;
         let Some(dh) = saved.as_ref() else {
-            return Err(candle_core::Error::Msg("linear_cross_entropy: backward without a forward gradient".into()).bt());
+            return Err(candle_core::Error::Msg(
+                "linear_cross_entropy: backward without a forward gradient".into(),
+            )
+            .bt());
         };
         let dh: Vec<f32> = dh.iter().map(|&d| d * g).collect();
         Ok((Some(Tensor::from_vec(dh, h.dims2()?, &Device::Cpu)?), None))
@@ -209,7 +241,15 @@ mod tests {
         let n = 300;
         let h = Var::from_tensor(&randn(&[n, 24], 61)?)?;
         let w = (randn(&[53, 24], 62)? * 2.0)?;
-        let lab: Vec<i64> = (0..n).map(|i| if i % 7 == 3 { IGNORE_INDEX } else { (i * 13 % 53) as i64 }).collect();
+        let lab: Vec<i64> = (0..n)
+            .map(|i| {
+                if i % 7 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 13 % 53) as i64
+                }
+            })
+            .collect();
         let y = labels(&lab)?;
         let l = linear_cross_entropy(h.as_tensor(), &w, &y)?;
         let l_ref = reference::linear_cross_entropy(h.as_tensor(), &w, &y)?;
@@ -230,7 +270,11 @@ mod tests {
         let d = max_rel_diff(dh, g_ref.get(&h).expect("dh ref"))?;
         println!("linear_cross_entropy dh max rel diff = {d:e}");
         assert!(d < 1e-5);
-        assert_eq!(dh.get(3)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0, "ignored row");
+        assert_eq!(
+            dh.get(3)?.abs()?.sum_all()?.to_scalar::<f32>()?,
+            0.0,
+            "ignored row"
+        );
         Ok(())
     }
 
@@ -261,7 +305,12 @@ mod tests {
         let l = linear_cross_entropy(h.as_tensor(), &w, &labels(&[IGNORE_INDEX; 4])?)?;
         assert_eq!(l.to_scalar::<f32>()?, 0.0);
         let g = l.backward()?;
-        let total = g.get(&h).expect("dh").abs()?.sum_all()?.to_scalar::<f32>()?;
+        let total = g
+            .get(&h)
+            .expect("dh")
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         println!("linear_cross_entropy all-ignored: loss 0, sum |dh| = {total}");
         assert_eq!(total, 0.0);
         Ok(())
@@ -300,7 +349,8 @@ mod tests {
         // Weight never gets a gradient, even as a Var.
         let wv = Var::from_tensor(&w)?;
         let hv = Var::from_tensor(&h)?;
-        let g = linear_cross_entropy(hv.as_tensor(), wv.as_tensor(), &labels(&[1, 2])?)?.backward()?;
+        let g =
+            linear_cross_entropy(hv.as_tensor(), wv.as_tensor(), &labels(&[1, 2])?)?.backward()?;
         assert!(g.get(&wv).is_none());
         let d = max_abs_diff(
             g.get(&hv).expect("dh"),

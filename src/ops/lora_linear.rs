@@ -39,7 +39,9 @@ pub fn lora_linear(
 ) -> Result<Tensor> {
     check_shapes(x, w, a, b)?;
     if !(0.0..1.0).contains(&dropout_p) {
-        return Err(Error::msg(format!("dropout probability {dropout_p} is outside [0, 1)")));
+        return Err(Error::msg(format!(
+            "dropout probability {dropout_p} is outside [0, 1)"
+        )));
     }
     if ![x, w, a, b].iter().all(|t| is_cpu_f32(t)) {
         return super::reference::lora_linear(x, w, a, b, scale, dropout_p, seed);
@@ -56,7 +58,11 @@ fn check_shapes(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     let (out_dim, in_dim) = w.dims2()?;
     let r = a.dims().first().copied().unwrap_or(0);
     let checks: [(&str, &Tensor, Vec<usize>); 3] = [
-        ("lora_linear x", x, vec![x.dims().first().copied().unwrap_or(0), in_dim]),
+        (
+            "lora_linear x",
+            x,
+            vec![x.dims().first().copied().unwrap_or(0), in_dim],
+        ),
         ("lora_linear a", a, vec![r, in_dim]),
         ("lora_linear b", b, vec![out_dim, r]),
     ];
@@ -101,7 +107,10 @@ impl MaskSpec {
     }
 
     fn row_keys(&self, row: usize) -> (u32, u32) {
-        let z = splitmix64(self.seed.wrapping_add((row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        let z = splitmix64(
+            self.seed
+                .wrapping_add((row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        );
         (z as u32, (z >> 32) as u32)
     }
 
@@ -223,7 +232,11 @@ pub(super) fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &'static str) -> CRe
         return Err(candle_core::Error::UnsupportedDTypeForOp(s.dtype(), what).bt());
     };
     let [rows, cols] = l.dims() else {
-        return Err(candle_core::Error::Msg(format!("{what}: expected a matrix, got {:?}", l.dims())).bt());
+        return Err(candle_core::Error::Msg(format!(
+            "{what}: expected a matrix, got {:?}",
+            l.dims()
+        ))
+        .bt());
     };
     let [rs, cs] = l.stride() else {
         return Err(candle_core::Error::Msg(format!("{what}: bad layout")).bt());
@@ -240,14 +253,22 @@ pub(super) fn view<'a>(s: &'a CpuStorage, l: &Layout, what: &'static str) -> CRe
 /// Rows `r0..r0 + len` of `m`, still strided.
 fn row_block(m: MatView, r0: usize, len: usize) -> MatView {
     MatView {
-        data: if len == 0 { &m.data[..0] } else { &m.data[r0 * m.rs..] },
+        data: if len == 0 {
+            &m.data[..0]
+        } else {
+            &m.data[r0 * m.rs..]
+        },
         rows: len,
         ..m
     }
 }
 
 /// The view of a tensor the op holds or receives in `bwd`, from `Tensor::storage_and_layout`.
-pub(super) fn tensor_view<'a>(s: &'a Storage, l: &Layout, what: &'static str) -> CResult<MatView<'a>> {
+pub(super) fn tensor_view<'a>(
+    s: &'a Storage,
+    l: &Layout,
+    what: &'static str,
+) -> CResult<MatView<'a>> {
     match s {
         Storage::Cpu(c) => view(c, l, what),
         _ => Err(candle_core::Error::Msg(format!("{what}: expected a CPU tensor")).bt()),
@@ -256,7 +277,13 @@ pub(super) fn tensor_view<'a>(s: &'a Storage, l: &Layout, what: &'static str) ->
 
 /// The rows `r0..r0+len` of `drop(x)` as a dense block in `buf`, or `x`'s own view of them
 /// when there is no dropout.
-fn dropped_block<'a>(x: MatView<'a>, mask: &MaskSpec, r0: usize, len: usize, buf: &'a mut Vec<f32>) -> MatView<'a> {
+fn dropped_block<'a>(
+    x: MatView<'a>,
+    mask: &MaskSpec,
+    r0: usize,
+    len: usize,
+    buf: &'a mut Vec<f32>,
+) -> MatView<'a> {
     let block = row_block(x, r0, len);
     if !mask.active() {
         return block;
@@ -281,12 +308,14 @@ fn project_dropped(x: MatView, a: MatView, mask: &MaskSpec) -> Vec<f32> {
     if r == 0 {
         return xa;
     }
-    xa.par_chunks_mut(CHUNK_ROWS * r).enumerate().for_each(|(c, out)| {
-        let mut buf = Vec::new();
-        let r0 = c * CHUNK_ROWS;
-        let d = dropped_block(x, mask, r0, out.len() / r, &mut buf);
-        matmul_into(out, d, a.t(), 1.0, false, false);
-    });
+    xa.par_chunks_mut(CHUNK_ROWS * r)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let mut buf = Vec::new();
+            let r0 = c * CHUNK_ROWS;
+            let d = dropped_block(x, mask, r0, out.len() / r, &mut buf);
+            matmul_into(out, d, a.t(), 1.0, false, false);
+        });
     xa
 }
 
@@ -313,7 +342,14 @@ impl CustomOp3 for LoraLinear {
         let mut y = vec![0f32; n * out_dim];
         matmul_into(&mut y, x, w.t(), 1.0, false, true);
         let xa = project_dropped(x, a, &self.mask); // (n, r)
-        matmul_into(&mut y, MatView::rows(&xa, n, a.rows), b.t(), self.scale, true, true);
+        matmul_into(
+            &mut y,
+            MatView::rows(&xa, n, a.rows),
+            b.t(),
+            self.scale,
+            true,
+            true,
+        );
         Ok((CpuStorage::F32(y), Shape::from((n, out_dim))))
     }
 
@@ -348,7 +384,11 @@ impl CustomOp3 for LoraLinear {
         let to_tensor = |g: Option<Vec<f32>>, t: &Tensor| -> CResult<Option<Tensor>> {
             g.map(|g| Tensor::from_vec(g, t.shape(), &dev)).transpose()
         };
-        Ok((to_tensor(grads.0, x)?, to_tensor(grads.1, a)?, to_tensor(grads.2, b)?))
+        Ok((
+            to_tensor(grads.0, x)?,
+            to_tensor(grads.1, a)?,
+            to_tensor(grads.2, b)?,
+        ))
     }
 }
 
@@ -439,13 +479,19 @@ impl LoraLinear {
         // dB = s · dyᵀ · (drop(x)·Aᵀ)  (out, r)
         let db = xa.map(|xa| {
             let mut db = vec![0f32; v.b.rows * r];
-            matmul_into(&mut db, v.dy.t(), MatView::rows(&xa, n, r), self.scale, false, true);
+            matmul_into(
+                &mut db,
+                v.dy.t(),
+                MatView::rows(&xa, n, r),
+                self.scale,
+                false,
+                true,
+            );
             db
         });
         (dx, da, db)
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -466,7 +512,10 @@ mod tests {
         let y = lora_linear(&xi, &w, a.as_tensor(), b.as_tensor(), scale, p, 77)?;
         let y_ref = reference::lora_linear(&xi, &w, a.as_tensor(), b.as_tensor(), scale, p, 77)?;
         let d = max_rel_diff(&y, &y_ref)?;
-        println!("lora_linear p={p} x {:?} forward max rel diff = {d:e}", xi.stride());
+        println!(
+            "lora_linear p={p} x {:?} forward max rel diff = {d:e}",
+            xi.stride()
+        );
         assert!(d < 1e-5, "forward {d}");
         let proj = randn(y.dims(), 15)?;
         let g = (y * &proj)?.sum_all()?.backward()?;
@@ -504,7 +553,11 @@ mod tests {
             let rep = finite_difference_check(
                 &format!("lora_linear p={p}"),
                 |t: &[Tensor]| lora_linear(&t[0], &w, &t[1], &t[2], 1.5, p, 5),
-                &[randn(&[40, 9], 22)?, randn(&[3, 9], 23)?, randn(&[7, 3], 24)?],
+                &[
+                    randn(&[40, 9], 22)?,
+                    randn(&[3, 9], 23)?,
+                    randn(&[7, 3], 24)?,
+                ],
                 &[0, 1, 2],
                 1e-2,
             )?;
@@ -531,7 +584,10 @@ mod tests {
             .filter(|&(i, j)| m[i * k + j] > 0.0 && m[i * k + j + 1] > 0.0)
             .count() as f64
             / (n * (k - 1)) as f64;
-        println!("adjacent kept pairs {pairs:.4} (expected {:.4})", (1.0 - p).powi(2));
+        println!(
+            "adjacent kept pairs {pairs:.4} (expected {:.4})",
+            (1.0 - p).powi(2)
+        );
         assert!((pairs - ((1.0 - p) as f64).powi(2)).abs() < 0.01);
         assert!(dropout_mask(3, 4, 0.0, 1).iter().all(|&v| v == 1.0));
         Ok(())
@@ -543,9 +599,14 @@ mod tests {
         let w = Var::from_tensor(&randn(&[6, 8], 32)?)?;
         let a = Var::from_tensor(&randn(&[2, 8], 33)?)?;
         let b = randn(&[6, 2], 34)?;
-        let g = lora_linear(&x, w.as_tensor(), a.as_tensor(), &b, 1.0, 0.1, 3)?.sum_all()?.backward()?;
+        let g = lora_linear(&x, w.as_tensor(), a.as_tensor(), &b, 1.0, 0.1, 3)?
+            .sum_all()?
+            .backward()?;
         assert!(g.get(&x).is_none() && g.get(&b).is_none());
-        assert!(g.get(&w).is_none(), "the base weight is frozen even as a Var");
+        assert!(
+            g.get(&w).is_none(),
+            "the base weight is frozen even as a Var"
+        );
         let da = g.get(&a).expect("dA");
         let da_ref = reference::lora_linear(&x, w.as_tensor(), a.as_tensor(), &b, 1.0, 0.1, 3)?
             .sum_all()?

@@ -81,7 +81,13 @@ impl CustomOp2 for CrossEntropy {
         "cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s1, l1, "cross-entropy")?;
         let labels = i64_data(s2, l2, "cross-entropy")?;
         let v = l1.dims()[1];
@@ -106,7 +112,11 @@ impl CustomOp2 for CrossEntropy {
                 .unzip()
         };
         let total: f64 = losses.iter().sum();
-        let mean = if count == 0 { 0.0 } else { total / count as f64 };
+        let mean = if count == 0 {
+            0.0
+        } else {
+            total / count as f64
+        };
         if let Ok(mut saved) = self.saved.lock() {
             *saved = Some(Saved {
                 lse: Arc::new(lse),
@@ -130,7 +140,12 @@ impl CustomOp2 for CrossEntropy {
             .and_then(|s| s.as_ref().map(|s| (s.lse.clone(), s.count)))
         {
             Some(s) => s,
-            None => return Err(candle_core::Error::Msg("cross_entropy: backward before forward".into()).bt()),
+            None => {
+                return Err(candle_core::Error::Msg(
+                    "cross_entropy: backward before forward".into(),
+                )
+                .bt())
+            }
         };
         let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let g = g.first().copied().unwrap_or(0.0);
@@ -151,7 +166,13 @@ impl CustomOp2 for CrossEntropyBwd {
         "cross-entropy-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s1, l1, "cross-entropy-bwd")?;
         let labels = i64_data(s2, l2, "cross-entropy-bwd")?;
         let v = l1.dims()[1];
@@ -217,7 +238,12 @@ mod tests {
         let l = cross_entropy(x.as_tensor(), &labels(&[-100; 4])?)?;
         assert_eq!(l.to_scalar::<f32>()?, 0.0);
         let g = l.backward()?;
-        let total = g.get(&x).expect("dx").abs()?.sum_all()?.to_scalar::<f32>()?;
+        let total = g
+            .get(&x)
+            .expect("dx")
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         println!("cross_entropy all-ignored: loss 0, sum |grad| = {total}");
         assert_eq!(total, 0.0);
         Ok(())

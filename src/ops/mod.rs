@@ -162,9 +162,15 @@ pub mod reference {
     pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let (n, _v) = logits.dims2()?;
         let labels_host: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-        let valid: Vec<f32> = labels_host.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
+        let valid: Vec<f32> = labels_host
+            .iter()
+            .map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 })
+            .collect();
         let count: f32 = valid.iter().sum();
-        let idx: Vec<u32> = labels_host.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 }).collect();
+        let idx: Vec<u32> = labels_host
+            .iter()
+            .map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 })
+            .collect();
         let dev = logits.device();
         let idx = Tensor::from_vec(idx, (n, 1), dev)?;
         let valid = Tensor::from_vec(valid, n, dev)?;
@@ -191,12 +197,15 @@ pub mod reference {
         let rep = h / kvh;
         // (b, kvh, s, d) -> (b, kvh, rep, s, d) -> (b, h, s, d)
         let expand = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.unsqueeze(2)?.broadcast_as((b, kvh, rep, s, d))?.reshape((b, h, s, d))?)
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, kvh, rep, s, d))?
+                .reshape((b, h, s, d))?)
         };
         let (k, v) = (expand(k)?, expand(v)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, h, t, s)
-        let causal: Vec<f32> =
-            (0..t).flat_map(|i| (0..s).map(move |j| if j <= q_offset + i { 1.0 } else { 0.0 })).collect();
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| if j <= q_offset + i { 1.0 } else { 0.0 }))
+            .collect();
         let mut allowed = Tensor::from_vec(causal, (1, 1, t, s), q.device())?; // (1, 1, t, s)
         if let Some(m) = key_mask {
             // (b, s) -> (b, 1, 1, s)

@@ -43,30 +43,47 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s1, l1, "rms-norm")?;
         let w = f32_data(s2, l2, "rms-norm")?;
         let d = w.len();
         let mut out = vec![0f32; x.len()];
         if d > 0 {
             let chunk = d * rows_per_task(d);
-            out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-                simd(|| {
-                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                        let r = inv_rms(x, self.eps);
-                        for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
-                            *o = x * r * w;
+            out.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(o, x)| {
+                    simd(|| {
+                        for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                            let r = inv_rms(x, self.eps);
+                            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
+                                *o = x * r * w;
+                            }
                         }
-                    }
-                })
-            });
+                    })
+                });
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let need_w = w.track_op();
-        let bwd = RmsNormBwd { eps: self.eps, need_w };
+        let bwd = RmsNormBwd {
+            eps: self.eps,
+            need_w,
+        };
         // Packed output: dx (x.elem_count()) followed by dw (d) when needed.
         let packed = x.apply_op3_no_bwd(w, grad, &bwd)?;
         let n = x.elem_count();

@@ -83,7 +83,11 @@ impl CustomOp3 for Rope {
                 let (bi, hi) = (bh / h, bh % h);
                 for ti in 0..t {
                     let src = &x[start + bi * s0 + hi * s1 + ti * s2..][..d];
-                    let row = if batched { (bi * t + ti) * half } else { ti * half };
+                    let row = if batched {
+                        (bi * t + ti) * half
+                    } else {
+                        ti * half
+                    };
                     let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
                     let (o1, o2) = o[ti * d..(ti + 1) * d].split_at_mut(half);
                     let (x1, x2) = src.split_at(half);
@@ -177,7 +181,13 @@ mod tests {
         // Last dim not unit-stride: gathered into a dense copy first.
         let x = Var::from_tensor(&randn(&[2, 3, 8, 5], 24)?)?;
         let (c, s) = tables(None, 5, 8)?;
-        compare(&x, &x.as_tensor().transpose(2, 3)?, &c, &s, "last-dim strided")?;
+        compare(
+            &x,
+            &x.as_tensor().transpose(2, 3)?,
+            &c,
+            &s,
+            "last-dim strided",
+        )?;
         Ok(())
     }
 
@@ -185,7 +195,8 @@ mod tests {
     fn finite_differences() -> Result<()> {
         let x = randn(&[1, 2, 4, 6], 25)?;
         let (c, s) = tables(Some(1), 4, 6)?;
-        let rep = finite_difference_check("rope", |t: &[Tensor]| rope(&t[0], &c, &s), &[x], &[0], 1e-2)?;
+        let rep =
+            finite_difference_check("rope", |t: &[Tensor]| rope(&t[0], &c, &s), &[x], &[0], 1e-2)?;
         rep.assert_within(5e-4);
         Ok(())
     }

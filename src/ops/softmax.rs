@@ -4,7 +4,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dot_f32, exp_store_sum, f32_data, is_cpu_f32, row_max, rows_per_task, simd, CResult};
+use super::cpu::{
+    dot_f32, exp_store_sum, f32_data, is_cpu_f32, row_max, rows_per_task, simd, CResult,
+};
 use crate::error::Result;
 
 /// Softmax over the last dim of `x`.
@@ -42,13 +44,15 @@ impl CustomOp1 for Softmax {
         let mut out = vec![0f32; x.len()];
         if d > 0 {
             let chunk = d * rows_per_task(d);
-            out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-                simd(|| {
-                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                        softmax_row(x, o);
-                    }
-                })
-            });
+            out.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(o, x)| {
+                    simd(|| {
+                        for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                            softmax_row(x, o);
+                        }
+                    })
+                });
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -66,7 +70,13 @@ impl CustomOp2 for SoftmaxBwd {
         "softmax-last-dim-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let y = f32_data(s1, l1, "softmax-last-dim-bwd")?;
         let dy = f32_data(s2, l2, "softmax-last-dim-bwd")?;
         let d = l1.dims().last().copied().unwrap_or(1);
@@ -137,7 +147,13 @@ mod tests {
     #[test]
     fn finite_differences() -> Result<()> {
         let x = (randn(&[3, 11], 33)? * 2.0)?;
-        let rep = finite_difference_check("softmax", |t: &[Tensor]| softmax_last_dim(&t[0]), &[x], &[0], 1e-2)?;
+        let rep = finite_difference_check(
+            "softmax",
+            |t: &[Tensor]| softmax_last_dim(&t[0]),
+            &[x],
+            &[0],
+            1e-2,
+        )?;
         rep.assert_within(5e-4);
         Ok(())
     }

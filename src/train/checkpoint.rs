@@ -36,11 +36,19 @@ pub fn dir_name(step: usize) -> String {
 }
 
 /// Writes a checkpoint under `root/step-NNNNNN`.
-pub fn save(root: &Path, trainable: &Weights, optimizer: &Weights, state: &TrainerState) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    trainable: &Weights,
+    optimizer: &Weights,
+    state: &TrainerState,
+) -> Result<PathBuf> {
     let staged = StagedDir::new(&root.join(dir_name(state.step)), true)?;
     trainable.save_safetensors(&staged.join(TRAINABLE_FILE), None)?;
     optimizer.save_safetensors(&staged.join(OPTIMIZER_FILE), None)?;
-    atomic::write_file(&staged.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    atomic::write_file(
+        &staged.join(STATE_FILE),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
     staged.commit()
 }
 
@@ -53,10 +61,14 @@ pub struct Checkpoint {
 
 /// Loads a checkpoint directory, or the latest checkpoint of a run directory.
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let dir = if path.join(STATE_FILE).exists() { path.to_path_buf() } else { latest(path)? };
+    let dir = if path.join(STATE_FILE).exists() {
+        path.to_path_buf()
+    } else {
+        latest(path)?
+    };
     let sp = dir.join(STATE_FILE);
-    let state: TrainerState =
-        serde_json::from_str(&std::fs::read_to_string(&sp).at(&sp)?).map_err(|e| Error::format(&sp, format!("invalid trainer state: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(&sp).at(&sp)?)
+        .map_err(|e| Error::format(&sp, format!("invalid trainer state: {e}")))?;
     Ok(Checkpoint {
         trainable: Weights::load_safetensors(&dir.join(TRAINABLE_FILE))?,
         optimizer: Weights::load_safetensors(&dir.join(OPTIMIZER_FILE))?,
@@ -67,16 +79,29 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 
 /// The checkpoint with the highest step under `run/checkpoints` (or `run` itself).
 pub fn latest(run: &Path) -> Result<PathBuf> {
-    let root = if run.join("checkpoints").is_dir() { run.join("checkpoints") } else { run.to_path_buf() };
+    let root = if run.join("checkpoints").is_dir() {
+        run.join("checkpoints")
+    } else {
+        run.to_path_buf()
+    };
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(&root).at(&root)? {
         let e = e.at(&root)?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
-            if e.path().join(STATE_FILE).exists() && best.as_ref().map(|b| n > b.0).unwrap_or(true) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            if e.path().join(STATE_FILE).exists() && best.as_ref().map(|b| n > b.0).unwrap_or(true)
+            {
                 best = Some((n, e.path()));
             }
         }
     }
-    best.map(|b| b.1).ok_or_else(|| Error::format(run, "no checkpoint found (expected checkpoints/step-NNNNNN with trainer_state.json)"))
+    best.map(|b| b.1).ok_or_else(|| {
+        Error::format(
+            run,
+            "no checkpoint found (expected checkpoints/step-NNNNNN with trainer_state.json)",
+        )
+    })
 }

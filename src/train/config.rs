@@ -35,7 +35,11 @@ pub struct DashConfig {
 
 impl Default for DashConfig {
     fn default() -> Self {
-        DashConfig { t: 100, s: 8, freeze_ab: false }
+        DashConfig {
+            t: 100,
+            s: 8,
+            freeze_ab: false,
+        }
     }
 }
 
@@ -107,7 +111,10 @@ impl TrainConfig {
             return Err(Error::config("max_steps", "must be at least 1"));
         }
         if self.max_steps.is_none() && !(self.epochs > 0.0) {
-            return Err(Error::config("epochs", "must be positive when max_steps is not set"));
+            return Err(Error::config(
+                "epochs",
+                "must be positive when max_steps is not set",
+            ));
         }
         if self.cutoff_len < 2 {
             return Err(Error::config("cutoff_len", "must be at least 2"));
@@ -120,16 +127,25 @@ impl TrainConfig {
         }
         if let Some(g) = self.max_grad_norm {
             if !(g > 0.0) {
-                return Err(Error::config("max_grad_norm", "must be positive (omit it to disable clipping)"));
+                return Err(Error::config(
+                    "max_grad_norm",
+                    "must be positive (omit it to disable clipping)",
+                ));
             }
         }
         if let Method::Dash(d) = &self.method {
             if d.t == 0 {
-                return Err(Error::config("dash_t", "must be at least 1 (LoRA-Dash selects directions from a trained LoRA)"));
+                return Err(Error::config(
+                    "dash_t",
+                    "must be at least 1 (LoRA-Dash selects directions from a trained LoRA)",
+                ));
             }
             if let Some(m) = self.max_steps {
                 if d.t >= m {
-                    return Err(Error::config("dash_t", format!("{} is not before the end of the run ({m} steps)", d.t)));
+                    return Err(Error::config(
+                        "dash_t",
+                        format!("{} is not before the end of the run ({m} steps)", d.t),
+                    ));
                 }
             }
         }

@@ -62,7 +62,10 @@ impl DashRuntime {
             if l.adapter.is_some() {
                 let k = l.in_dim().min(l.out_dim());
                 if cfg.s > k {
-                    return Err(Error::config("dash_s", format!("{} exceeds min(out, in) = {k} of `{}`", cfg.s, l.path)));
+                    return Err(Error::config(
+                        "dash_s",
+                        format!("{} exceeds min(out, in) = {k} of `{}`", cfg.s, l.path),
+                    ));
                 }
                 jobs.push((l.path.clone(), l.weight.clone()));
             }
@@ -76,18 +79,30 @@ impl DashRuntime {
 
     /// Selects the directions from the current LoRA factors and switches every adapted
     /// layer to Dash. Returns the new trainable tensors and the report.
-    pub fn switch(&mut self, model: &mut Llama) -> Result<(Vec<(String, Var)>, TsdReport, BTreeMap<String, Vec<f32>>)> {
+    pub fn switch(
+        &mut self,
+        model: &mut Llama,
+    ) -> Result<(Vec<(String, Var)>, TsdReport, BTreeMap<String, Vec<f32>>)> {
         let start = Instant::now();
         let mut stall = 0f64;
         let mut layers = BTreeMap::new();
         let mut full_delta = BTreeMap::new();
         let mut new_vars = Vec::new();
         for l in model.linears_mut() {
-            let Some(Adapter::Lora(lora)) = l.adapter.take() else { continue };
+            let Some(Adapter::Lora(lora)) = l.adapter.take() else {
+                continue;
+            };
             let w0 = Instant::now();
             let svd = self.prefetch.wait(&l.path)?;
             stall += w0.elapsed().as_secs_f64();
-            let delta = change_rates(&svd.u, &svd.sigma, &svd.v, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale)?;
+            let delta = change_rates(
+                &svd.u,
+                &svd.sigma,
+                &svd.v,
+                lora.a.as_tensor(),
+                lora.b.as_tensor(),
+                lora.scale,
+            )?;
             let idx = top_s(&delta, &svd.sigma, self.cfg.s);
             let (u_s, v_s) = svd.columns(&idx)?;
             let k = svd.k();
@@ -121,15 +136,25 @@ impl DashRuntime {
     /// and c are restored by the caller from the checkpoint.
     pub fn restore(&mut self, model: &mut Llama, state: &DashState) -> Result<()> {
         for l in model.linears_mut() {
-            let Some(Adapter::Lora(lora)) = l.adapter.take() else { continue };
+            let Some(Adapter::Lora(lora)) = l.adapter.take() else {
+                continue;
+            };
             let idx = state
                 .indices
                 .get(&l.path)
-                .ok_or_else(|| Error::msg(format!("checkpoint has no Dash selection for `{}`", l.path)))?
+                .ok_or_else(|| {
+                    Error::msg(format!("checkpoint has no Dash selection for `{}`", l.path))
+                })?
                 .clone();
             let svd = self.prefetch.wait(&l.path)?;
             let (u_s, v_s) = svd.columns(&idx)?;
-            l.adapter = Some(Adapter::Dash(DashLayer::new(lora, u_s, v_s, idx, self.cfg.freeze_ab)?));
+            l.adapter = Some(Adapter::Dash(DashLayer::new(
+                lora,
+                u_s,
+                v_s,
+                idx,
+                self.cfg.freeze_ab,
+            )?));
         }
         self.state = state.clone();
         Ok(())
@@ -137,11 +162,27 @@ impl DashRuntime {
 }
 
 /// Writes `tsd.json` and the full δ vectors (`tsd_delta.safetensors`) into `dir`.
-pub fn write_report(dir: &Path, report: &TsdReport, full_delta: &BTreeMap<String, Vec<f32>>) -> Result<()> {
-    atomic::write_file(&dir.join(TSD_FILE), serde_json::to_string_pretty(report)?.as_bytes())?;
+pub fn write_report(
+    dir: &Path,
+    report: &TsdReport,
+    full_delta: &BTreeMap<String, Vec<f32>>,
+) -> Result<()> {
+    atomic::write_file(
+        &dir.join(TSD_FILE),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
     let tensors: Vec<(String, Tensor)> = full_delta
         .iter()
-        .map(|(k, v)| Ok((k.clone(), Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?)))
+        .map(|(k, v)| {
+            Ok((
+                k.clone(),
+                Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?,
+            ))
+        })
         .collect::<Result<_>>()?;
-    save_tensors(tensors.iter().map(|(k, t)| (k.as_str(), t)), &dir.join(DELTA_FILE), None)
+    save_tensors(
+        tensors.iter().map(|(k, t)| (k.as_str(), t)),
+        &dir.join(DELTA_FILE),
+        None,
+    )
 }

@@ -11,18 +11,18 @@ use crate::data::alpaca::load_records;
 use crate::data::batch::{collate, split_train_val, Batch, Loader};
 use crate::data::tokenize::{tokenize_record, Example};
 use crate::error::{Error, IoContext, Result};
+use crate::io::atomic::StagedDir;
 use crate::io::{self, atomic, TextTokenizer, Weights};
 use crate::models::{Ctx, Llama};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{Method, TrainConfig};
-use crate::io::atomic::StagedDir;
 use crate::train::dash::{DashRuntime, DashState};
 use crate::train::metrics::{read_records, MetricRecord, MetricsLog};
-use crate::train::plot::plot_loss_curve;
-use crate::tsd::svd::{default_cache_dir, SvdCache};
 use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::plot::plot_loss_curve;
 use crate::train::schedule::Schedule;
+use crate::tsd::svd::{default_cache_dir, SvdCache};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = "run_config.json";
@@ -54,9 +54,11 @@ pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
@@ -77,13 +79,18 @@ pub struct Prepared {
 pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     cfg.validate()?;
     let loaded = io::load_model(&cfg.model)?;
-    let tokenizer = loaded
-        .tokenizer
-        .clone()
-        .ok_or_else(|| Error::format(&loaded.path, "no tokenizer found (tokenizer.json or GGUF tokenizer metadata is required to train)"))?;
+    let tokenizer = loaded.tokenizer.clone().ok_or_else(|| {
+        Error::format(
+            &loaded.path,
+            "no tokenizer found (tokenizer.json or GGUF tokenizer metadata is required to train)",
+        )
+    })?;
     let mcfg = loaded.config.resolve()?;
     let mut model = Llama::load(&mcfg, &loaded.weights)?;
-    let source = io::LoadedModel { weights: Weights::new(None), ..loaded };
+    let source = io::LoadedModel {
+        weights: Weights::new(None),
+        ..loaded
+    };
     let adapted = match cfg.method {
         Method::Full => model.inject_full(&cfg.lora.target_modules)?,
         _ => model.inject_lora(&cfg.lora, cfg.seed)?,
@@ -92,7 +99,13 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     let records = load_records(&cfg.data)?;
     let mut examples = Vec::with_capacity(records.len());
     for rec in &records {
-        examples.push(tokenize_record(&tokenizer, rec, cfg.cutoff_len, cfg.train_on_inputs, true)?);
+        examples.push(tokenize_record(
+            &tokenizer,
+            rec,
+            cfg.cutoff_len,
+            cfg.train_on_inputs,
+            true,
+        )?);
     }
     let (mut train, val) = split_train_val(examples, cfg.val_set_size, cfg.seed)?;
     if let Some(n) = cfg.max_records {
@@ -136,13 +149,25 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
     }
     let prep = prepare(cfg)?;
     std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
-    atomic::write_file(&cfg.out.join(CONFIG_FILE), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    atomic::write_file(
+        &cfg.out.join(CONFIG_FILE),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
     run_loop(cfg, prep, resume)
 }
 
-fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkpoint>) -> Result<RunSummary> {
+fn run_loop(
+    cfg: &TrainConfig,
+    prep: Prepared,
+    resume: Option<checkpoint::Checkpoint>,
+) -> Result<RunSummary> {
     let Prepared {
-        mut model, tokenizer, train, val, adapted, source,
+        mut model,
+        tokenizer,
+        train,
+        val,
+        adapted,
+        source,
     } = prep;
     let pad_id = tokenizer.pad_or_eos();
     let total_steps = cfg.total_steps(train.len());
@@ -155,9 +180,19 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
     let mut dash = match cfg.method.dash() {
         Some(d) => {
             if d.t >= total_steps {
-                return Err(Error::config("dash_t", format!("{} is not before the end of the run ({total_steps} steps)", d.t)));
+                return Err(Error::config(
+                    "dash_t",
+                    format!(
+                        "{} is not before the end of the run ({total_steps} steps)",
+                        d.t
+                    ),
+                ));
             }
-            Some(DashRuntime::start(&model, d.clone(), SvdCache::new(default_cache_dir()))?)
+            Some(DashRuntime::start(
+                &model,
+                d.clone(),
+                SvdCache::new(default_cache_dir()),
+            )?)
         }
         None => None,
     };
@@ -170,7 +205,10 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
     let mut metrics = match &resume {
         Some(ck) => {
             if ck.state.config_fingerprint != fp {
-                return Err(Error::format(&ck.dir, "checkpoint was written by a run with a different configuration"));
+                return Err(Error::format(
+                    &ck.dir,
+                    "checkpoint was written by a run with a different configuration",
+                ));
             }
             if let (Some(rt), false) = (dash.as_mut(), ck.state.method_state.is_null()) {
                 let st: DashState = serde_json::from_value(ck.state.method_state.clone())?;
@@ -285,21 +323,29 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
                 let (new_vars, report, full) = rt.switch(&mut model)?;
                 crate::train::dash::write_report(&cfg.out, &report, &full)?;
                 if rt.cfg.freeze_ab {
-                    let keep: Vec<String> = model.trainable_vars().into_iter().map(|(n, _)| n).collect();
+                    let keep: Vec<String> =
+                        model.trainable_vars().into_iter().map(|(n, _)| n).collect();
                     opt.retain(|n| keep.iter().any(|k| k == n));
                 }
-                let new_vars: Vec<_> = new_vars.into_iter().filter(|(_, v)| v.elem_count() > 0).collect();
+                let new_vars: Vec<_> = new_vars
+                    .into_iter()
+                    .filter(|(_, v)| v.elem_count() > 0)
+                    .collect();
                 opt.add_params(new_vars)?;
                 vars = model.trainable_vars();
                 checked_grads = false;
-                rec.extra.insert("dash_switch".into(), serde_json::json!({"stall_s": report.stall_s, "switch_s": report.switch_s}));
+                rec.extra.insert(
+                    "dash_switch".into(),
+                    serde_json::json!({"stall_s": report.stall_s, "switch_s": report.switch_s}),
+                );
                 bar.println(format!(
                     "step {step}: switched to LoRA-Dash (selection {:.2} s, of which {:.2} s waiting for SVDs)",
                     report.switch_s, report.stall_s
                 ));
             }
         }
-        let eval_now = !val.is_empty() && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total_steps);
+        let eval_now = !val.is_empty()
+            && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total_steps);
         if eval_now {
             let vl = validation_loss(&model, &val, cfg.batch_size, pad_id)?;
             first_val.get_or_insert(vl);
@@ -327,24 +373,44 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
             for (n, t) in opt_state {
                 ow.insert(n, t);
             }
-            checkpoint::save(&cfg.out.join("checkpoints"), &vars_to_weights(&vars), &ow, &state)?;
+            checkpoint::save(
+                &cfg.out.join("checkpoints"),
+                &vars_to_weights(&vars),
+                &ow,
+                &state,
+            )?;
         }
     }
     bar.finish_and_clear();
     let base = Some(cfg.model.clone());
     match &dash {
         Some(rt) => {
-            crate::io::dash::save_native(&model, &cfg.lora, rt.cfg.t, rt.cfg.s, rt.cfg.freeze_ab, base.clone(), &cfg.out)?;
+            crate::io::dash::save_native(
+                &model,
+                &cfg.lora,
+                rt.cfg.t,
+                rt.cfg.s,
+                rt.cfg.freeze_ab,
+                base.clone(),
+                &cfg.out,
+            )?;
             let staged = StagedDir::new(&cfg.out.join(EXPORT_DIR), true)?;
             crate::io::dash::save_peft_export(&model, &cfg.lora, rt.cfg.s, base, staged.path())?;
             staged.commit()?;
         }
         None if cfg.method == Method::Full => {
-            io::hf::write_hf_dir(&source, &model.base_weights(true)?, &cfg.out.join(FULL_MODEL_DIR), true)?;
+            io::hf::write_hf_dir(
+                &source,
+                &model.base_weights(true)?,
+                &cfg.out.join(FULL_MODEL_DIR),
+                true,
+            )?;
         }
         None => io::peft::save_lora(&model, &cfg.lora, base, &cfg.out)?,
     }
-    if let Err(e) = read_records(&metrics_path).and_then(|r| plot_loss_curve(&r, &cfg.out.join("loss.png"))) {
+    if let Err(e) =
+        read_records(&metrics_path).and_then(|r| plot_loss_curve(&r, &cfg.out.join("loss.png")))
+    {
         eprintln!("warning: could not draw the loss curve: {e}");
     }
     let secs = run_start.elapsed().as_secs_f64();
@@ -355,7 +421,11 @@ fn run_loop(cfg: &TrainConfig, prep: Prepared, resume: Option<checkpoint::Checkp
         last_loss,
         first_val_loss: first_val,
         last_val_loss: last_val,
-        tokens_per_s: if secs > 0.0 { run_tokens as f64 / secs } else { 0.0 },
+        tokens_per_s: if secs > 0.0 {
+            run_tokens as f64 / secs
+        } else {
+            0.0
+        },
         adapted_layers: adapted.len(),
         trainable_params,
         peak_rss_bytes: peak_rss_bytes(),
@@ -377,7 +447,12 @@ fn add_grads(mut acc: GradStore, new: &GradStore, vars: &[(String, Var)]) -> Res
 }
 
 /// Token-weighted mean loss over `val`, without dropout.
-pub fn validation_loss(model: &Llama, val: &[Example], batch_size: usize, pad_id: u32) -> Result<f32> {
+pub fn validation_loss(
+    model: &Llama,
+    val: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<f32> {
     let ctx = Ctx::eval();
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in val.chunks(batch_size) {
@@ -386,11 +461,17 @@ pub fn validation_loss(model: &Llama, val: &[Example], batch_size: usize, pad_id
         if batch.n_target_tokens == 0 {
             continue;
         }
-        let loss = model.loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?.to_scalar::<f32>()?;
+        let loss = model
+            .loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?
+            .to_scalar::<f32>()?;
         sum += loss as f64 * batch.n_target_tokens as f64;
         n += batch.n_target_tokens;
     }
-    Ok(if n == 0 { f32::NAN } else { (sum / n as f64) as f32 })
+    Ok(if n == 0 {
+        f32::NAN
+    } else {
+        (sum / n as f64) as f32
+    })
 }
 
 fn vars_to_weights(vars: &[(String, Var)]) -> Weights {
@@ -412,11 +493,12 @@ fn restore_vars(vars: &[(String, Var)], w: &Weights) -> Result<()> {
 fn progress_bar(len: u64, pos: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_position(pos);
     bar
 }
-

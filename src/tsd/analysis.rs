@@ -20,7 +20,9 @@ use crate::io::Weights;
 use crate::models::config::LlamaConfig;
 use crate::models::Llama;
 use crate::rng::Rng;
-use crate::tsd::metrics::{jaccard, mean, median, overlap, projections, spearman, NullBaseline, NULL_DRAWS};
+use crate::tsd::metrics::{
+    jaccard, mean, median, overlap, projections, spearman, NullBaseline, NULL_DRAWS,
+};
 use crate::tsd::select::{change_rates, change_rates_dense, percentile, top_s};
 use crate::tsd::svd::{Svd, SvdCache};
 
@@ -45,7 +47,11 @@ impl DeltaSource {
 /// One layer's ΔW (out, in).
 pub enum LayerDelta {
     /// ΔW = scale·B·A with A (r, in), B (out, r).
-    LowRank { a: Tensor, b: Tensor, scale: f64 },
+    LowRank {
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    },
     Dense(Tensor),
 }
 
@@ -53,7 +59,9 @@ impl LayerDelta {
     /// δ for every core direction of `svd`.
     pub fn change_rates(&self, svd: &Svd) -> Result<Vec<f32>> {
         match self {
-            LayerDelta::LowRank { a, b, scale } => change_rates(&svd.u, &svd.sigma, &svd.v, a, b, *scale),
+            LayerDelta::LowRank { a, b, scale } => {
+                change_rates(&svd.u, &svd.sigma, &svd.v, a, b, *scale)
+            }
             LayerDelta::Dense(d) => change_rates_dense(&svd.u, &svd.sigma, &svd.v, d),
         }
     }
@@ -68,7 +76,11 @@ pub struct SourceDeltas {
 }
 
 /// Reads the per-layer ΔW of `src` against the base (`cfg`, `weights`).
-pub fn load_deltas(cfg: &LlamaConfig, weights: &Weights, src: &DeltaSource) -> Result<SourceDeltas> {
+pub fn load_deltas(
+    cfg: &LlamaConfig,
+    weights: &Weights,
+    src: &DeltaSource,
+) -> Result<SourceDeltas> {
     match src {
         DeltaSource::Adapter(dir) => {
             let mut m = Llama::load(cfg, weights)?;
@@ -90,7 +102,11 @@ pub fn load_deltas(cfg: &LlamaConfig, weights: &Weights, src: &DeltaSource) -> R
                 };
                 layers.push((l.path.clone(), d));
             }
-            Ok(SourceDeltas { label: src.label(), kind, layers })
+            Ok(SourceDeltas {
+                label: src.label(),
+                kind,
+                layers,
+            })
         }
         DeltaSource::Finetuned(spec) => {
             let base = Llama::load(cfg, weights)?;
@@ -107,7 +123,11 @@ pub fn load_deltas(cfg: &LlamaConfig, weights: &Weights, src: &DeltaSource) -> R
                     layers.push((b.path.clone(), LayerDelta::Dense(diff)));
                 }
             }
-            Ok(SourceDeltas { label: src.label(), kind: "finetuned".into(), layers })
+            Ok(SourceDeltas {
+                label: src.label(),
+                kind: "finetuned".into(),
+                layers,
+            })
         }
     }
 }
@@ -233,7 +253,10 @@ pub fn analyze(
         return Err(Error::config("s", "must be at least 1"));
     }
     if source.layers.is_empty() {
-        return Err(Error::msg(format!("{}: changes no linear layer of the base model", source.label)));
+        return Err(Error::msg(format!(
+            "{}: changes no linear layer of the base model",
+            source.label
+        )));
     }
     let other: HashMap<&str, &LayerDelta> = compare
         .map(|c| c.layers.iter().map(|(n, d)| (n.as_str(), d)).collect())
@@ -250,8 +273,14 @@ pub fn analyze(
         }
     }
     if let Some(c) = compare {
-        let ours: std::collections::HashSet<&str> = source.layers.iter().map(|(n, _)| n.as_str()).collect();
-        unmatched.extend(c.layers.iter().filter(|(n, _)| !ours.contains(n.as_str())).map(|(n, _)| n.clone()));
+        let ours: std::collections::HashSet<&str> =
+            source.layers.iter().map(|(n, _)| n.as_str()).collect();
+        unmatched.extend(
+            c.layers
+                .iter()
+                .filter(|(n, _)| !ours.contains(n.as_str()))
+                .map(|(n, _)| n.clone()),
+        );
         if jobs.is_empty() {
             return Err(Error::msg(format!(
                 "{} and {} change no layer in common (first: `{}` vs `{}`)",
@@ -262,12 +291,20 @@ pub fn analyze(
             )));
         }
     }
-    let weights: HashMap<&str, &Tensor> = base.linears().map(|l| (l.path.as_str(), &l.weight)).collect();
+    let weights: HashMap<&str, &Tensor> = base
+        .linears()
+        .map(|l| (l.path.as_str(), &l.weight))
+        .collect();
     for (name, _, _) in &jobs {
-        let w = weights.get(name).ok_or_else(|| Error::msg(format!("`{name}` is not a linear layer of the base model")))?;
+        let w = weights.get(name).ok_or_else(|| {
+            Error::msg(format!("`{name}` is not a linear layer of the base model"))
+        })?;
         let (o, i) = w.dims2()?;
         if s > o.min(i) {
-            return Err(Error::config("s", format!("{s} exceeds min(out, in) = {} of `{name}`", o.min(i))));
+            return Err(Error::config(
+                "s",
+                format!("{s} exceeds min(out, in) = {} of `{name}`", o.min(i)),
+            ));
         }
     }
     let results: Vec<Result<LayerResult>> = jobs
@@ -280,14 +317,18 @@ pub fn analyze(
             let cdelta = o.map(|o| o.change_rates(&svd)).transpose()?;
             let (out_dim, in_dim) = w.dims2()?;
             let k = svd.k();
-            let null = NullBaseline::sample(&svd.sigma, s, NULL_DRAWS, &mut Rng::derive(NULL_SEED, name));
+            let null =
+                NullBaseline::sample(&svd.sigma, s, NULL_DRAWS, &mut Rng::derive(NULL_SEED, name));
             let src = stats(&svd.sigma, &delta, s, &null);
             let cmp = cdelta.as_ref().map(|c| stats(&svd.sigma, c, s, &null));
             let agreement = cdelta.as_ref().zip(cmp.as_ref()).map(|(c, cs)| Agreement {
                 overlap: overlap(&src.indices, &cs.indices, s),
                 jaccard: jaccard(&src.indices, &cs.indices),
                 spearman: spearman(&delta, c),
-                spearman_projection: spearman(&projections(&delta, &svd.sigma), &projections(c, &svd.sigma)),
+                spearman_projection: spearman(
+                    &projections(&delta, &svd.sigma),
+                    &projections(c, &svd.sigma),
+                ),
             });
             if let Some(p) = progress {
                 p.inc(1);
@@ -318,7 +359,11 @@ pub fn analyze(
         layers.push(rec);
     }
     let summary = summarize(&layers, compare.is_some());
-    let info = |d: &SourceDeltas| SourceInfo { label: d.label.clone(), kind: d.kind.clone(), changed_layers: d.layers.len() };
+    let info = |d: &SourceDeltas| SourceInfo {
+        label: d.label.clone(),
+        kind: d.kind.clone(),
+        changed_layers: d.layers.len(),
+    };
     Ok((
         Analysis {
             model: model_label.to_string(),
@@ -347,16 +392,33 @@ pub fn stats(sigma: &[f32], delta: &[f32], s: usize, null: &NullBaseline) -> Tsd
     for &x in sigma {
         prefix.push(prefix.last().copied().unwrap_or(0.0) + x as f64);
     }
-    let share: Vec<f64> = idx.iter().map(|&i| if total_sigma > 0.0 { prefix[i] / total_sigma } else { 0.0 }).collect();
+    let share: Vec<f64> = idx
+        .iter()
+        .map(|&i| {
+            if total_sigma > 0.0 {
+                prefix[i] / total_sigma
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let pct: Vec<f64> = idx.iter().map(|&i| percentile(i, k)).collect();
-    let total_delta: f64 = delta.iter().filter(|d| d.is_finite()).map(|&d| d as f64).sum();
+    let total_delta: f64 = delta
+        .iter()
+        .filter(|d| d.is_finite())
+        .map(|&d| d as f64)
+        .sum();
     let top_delta: f64 = idx.iter().map(|&i| delta[i] as f64).sum();
     TsdStats {
         sigma: idx.iter().map(|&i| sigma[i]).collect(),
         delta: idx.iter().map(|&i| delta[i]).collect(),
         mean_percentile: mean(&pct),
         mean_sigma_share_above: mean(&share),
-        concentration: if total_delta > 0.0 { top_delta / total_delta } else { f64::NAN },
+        concentration: if total_delta > 0.0 {
+            top_delta / total_delta
+        } else {
+            f64::NAN
+        },
         top_sigma_hits: idx.iter().filter(|&&i| i < s).count(),
         null_overlap: null.overlap(&idx, s),
         percentile: pct,
@@ -366,34 +428,71 @@ pub fn stats(sigma: &[f32], delta: &[f32], s: usize, null: &NullBaseline) -> Tsd
 }
 
 fn summarize_source<'a>(stats: impl Iterator<Item = &'a TsdStats> + Clone) -> SourceSummary {
-    let all_pct: Vec<f64> = stats.clone().flat_map(|s| s.percentile.iter().copied()).collect();
+    let all_pct: Vec<f64> = stats
+        .clone()
+        .flat_map(|s| s.percentile.iter().copied())
+        .collect();
     let n_tsd: usize = stats.clone().map(|s| s.indices.len()).sum();
     let hits: usize = stats.clone().map(|s| s.top_sigma_hits).sum();
     SourceSummary {
         mean_percentile: mean(&all_pct),
         median_percentile: median(all_pct),
-        mean_sigma_share_above: mean(&stats.clone().map(|s| s.mean_sigma_share_above).collect::<Vec<_>>()),
+        mean_sigma_share_above: mean(
+            &stats
+                .clone()
+                .map(|s| s.mean_sigma_share_above)
+                .collect::<Vec<_>>(),
+        ),
         mean_concentration: mean(&stats.clone().map(|s| s.concentration).collect::<Vec<_>>()),
-        top_sigma_hit_rate: if n_tsd > 0 { hits as f64 / n_tsd as f64 } else { f64::NAN },
+        top_sigma_hit_rate: if n_tsd > 0 {
+            hits as f64 / n_tsd as f64
+        } else {
+            f64::NAN
+        },
         mean_null_overlap: mean(&stats.map(|s| s.null_overlap).collect::<Vec<_>>()),
     }
 }
 
 fn summarize(layers: &[LayerRecord], with_compare: bool) -> Summary {
     let agg = |f: fn(&Agreement) -> f64| -> Option<f64> {
-        with_compare.then(|| mean(&layers.iter().filter_map(|l| l.agreement.as_ref().map(f)).collect::<Vec<_>>()))
+        with_compare.then(|| {
+            mean(
+                &layers
+                    .iter()
+                    .filter_map(|l| l.agreement.as_ref().map(f))
+                    .collect::<Vec<_>>(),
+            )
+        })
     };
     Summary {
         layers: layers.len(),
-        mean_uniform_concentration: mean(&layers.iter().map(|l| l.uniform_concentration).collect::<Vec<_>>()),
-        mean_null_concentration: mean(&layers.iter().map(|l| l.null_concentration).collect::<Vec<_>>()),
+        mean_uniform_concentration: mean(
+            &layers
+                .iter()
+                .map(|l| l.uniform_concentration)
+                .collect::<Vec<_>>(),
+        ),
+        mean_null_concentration: mean(
+            &layers
+                .iter()
+                .map(|l| l.null_concentration)
+                .collect::<Vec<_>>(),
+        ),
         source: summarize_source(layers.iter().map(|l| &l.source)),
-        compare: with_compare.then(|| summarize_source(layers.iter().filter_map(|l| l.compare.as_ref()))),
+        compare: with_compare
+            .then(|| summarize_source(layers.iter().filter_map(|l| l.compare.as_ref()))),
         mean_overlap: agg(|a| a.overlap),
         mean_jaccard: agg(|a| a.jaccard),
         mean_spearman: agg(|a| a.spearman),
         mean_spearman_projection: agg(|a| a.spearman_projection),
-        chance_overlap: with_compare.then(|| mean(&layers.iter().map(|l| l.uniform_concentration).collect::<Vec<_>>())),
+        chance_overlap: with_compare.then(|| {
+            mean(
+                &layers
+                    .iter()
+                    .map(|l| l.uniform_concentration)
+                    .collect::<Vec<_>>(),
+            )
+        }),
     }
 }
 
@@ -411,9 +510,12 @@ mod tests {
         // Σσ = 10: above index 2 lie 4 + 3, above index 1 lies 4.
         assert_eq!(st.sigma_share_above, vec![0.7, 0.4]);
         assert!((st.mean_sigma_share_above - 0.55).abs() < 1e-12);
-        assert!((st.concentration - 0.8).abs() < 1e-6, "{}", st.concentration);
+        assert!(
+            (st.concentration - 0.8).abs() < 1e-6,
+            "{}",
+            st.concentration
+        );
         assert_eq!(st.top_sigma_hits, 1);
         assert_eq!(st.percentile, vec![200.0 / 3.0, 100.0 / 3.0]);
     }
-
 }

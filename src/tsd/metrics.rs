@@ -45,12 +45,21 @@ impl NullBaseline {
             }
             tops.push(top);
         }
-        NullBaseline { concentration: conc / draws.max(1) as f64, tops }
+        NullBaseline {
+            concentration: conc / draws.max(1) as f64,
+            tops,
+        }
     }
 
     /// Mean |tsd ∩ top-s of a draw| / s.
     pub fn overlap(&self, tsd: &[usize], s: usize) -> f64 {
-        mean(&self.tops.iter().map(|t| overlap(tsd, t, s)).collect::<Vec<_>>())
+        mean(
+            &self
+                .tops
+                .iter()
+                .map(|t| overlap(tsd, t, s))
+                .collect::<Vec<_>>(),
+        )
     }
 }
 
@@ -161,7 +170,10 @@ mod tests {
 
     #[test]
     fn spearman_matches_hand_computed_values_with_ties() {
-        assert_eq!(average_ranks(&[10.0, 20.0, 20.0, 5.0]), vec![2.0, 3.5, 3.5, 1.0]);
+        assert_eq!(
+            average_ranks(&[10.0, 20.0, 20.0, 5.0]),
+            vec![2.0, 3.5, 3.5, 1.0]
+        );
         assert_eq!(average_ranks(&[1.0, 1.0, 1.0]), vec![2.0, 2.0, 2.0]);
         // Monotone transforms do not change ρ.
         let x = [0.3f32, 1.5, 0.1, 7.0, 2.2];
@@ -170,7 +182,9 @@ mod tests {
         let neg: Vec<f32> = x.iter().map(|v| -v).collect();
         assert!((spearman(&x, &neg) + 1.0).abs() < 1e-12);
         // No ties: 1 − 6Σd²/(n(n²−1)); ranks x = [1,2,3,4,5], y = [2,1,4,3,5] → Σd² = 4, ρ = 0.8.
-        assert!((spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]) - 0.8).abs() < 1e-12);
+        assert!(
+            (spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]) - 0.8).abs() < 1e-12
+        );
         // Ties: x ranks [1, 2.5, 2.5, 4], y ranks [1, 2, 3, 4]; Pearson of ranks by hand:
         // mean 2.5, Σ(dx·dy) = 2.25 + 0 + 0 + 2.25 = 4.5, Σdx² = 4.5, Σdy² = 5 → 4.5/√22.5.
         let r = spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]);
@@ -180,7 +194,6 @@ mod tests {
         assert!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
     }
 
-
     #[test]
     fn null_overlap_is_chance_for_a_flat_spectrum_and_one_for_a_cliff() {
         let mut rng = Rng::new(1);
@@ -188,10 +201,17 @@ mod tests {
         let flat = vec![1.0f32; 40];
         let null = NullBaseline::sample(&flat, 4, 2000, &mut rng);
         let got = null.overlap(&[0, 1, 2, 3], 4);
-        println!("flat spectrum: null overlap {got:.4} (s/k = 0.1), concentration {:.4}", null.concentration);
+        println!(
+            "flat spectrum: null overlap {got:.4} (s/k = 0.1), concentration {:.4}",
+            null.concentration
+        );
         assert!((got - 0.1).abs() < 0.01, "{got}");
         // The 4 largest of 40 half-normal values hold about a quarter of their sum.
-        assert!(null.concentration > 0.2 && null.concentration < 0.4, "{}", null.concentration);
+        assert!(
+            null.concentration > 0.2 && null.concentration < 0.4,
+            "{}",
+            null.concentration
+        );
         // The last s σ are 10⁶ times smaller: 1/σ alone picks them in every draw.
         let mut cliff = vec![1.0f32; 40];
         for x in &mut cliff[36..] {

@@ -29,17 +29,31 @@ impl Svd {
 
     /// Columns `idx` of U and V: (out, s) and (in, s).
     pub fn columns(&self, idx: &[usize]) -> Result<(Tensor, Tensor)> {
-        let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &Device::Cpu)?;
-        Ok((self.u.index_select(&ids, 1)?.contiguous()?, self.v.index_select(&ids, 1)?.contiguous()?))
+        let ids = Tensor::from_vec(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            idx.len(),
+            &Device::Cpu,
+        )?;
+        Ok((
+            self.u.index_select(&ids, 1)?.contiguous()?,
+            self.v.index_select(&ids, 1)?.contiguous()?,
+        ))
     }
 }
 
 /// Thin SVD of a 2-D f32 tensor, with `threads` worker threads (1 = sequential).
 pub fn thin_svd(w: &Tensor, threads: usize) -> Result<Svd> {
     let (m, n) = w.dims2()?;
-    let data: Vec<f32> = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = w
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     let mat = faer::Mat::<f32>::from_fn(m, n, |i, j| data[i * n + j]);
-    let par = if threads <= 1 { faer::Par::Seq } else { faer::Par::rayon(threads) };
+    let par = if threads <= 1 {
+        faer::Par::Seq
+    } else {
+        faer::Par::rayon(threads)
+    };
     let prev = faer::get_global_parallelism();
     faer::set_global_parallelism(par);
     let svd = mat.thin_svd();
@@ -73,7 +87,10 @@ pub fn weight_hash(w: &Tensor) -> Result<String> {
     for d in w.dims() {
         h.update((*d as u64).to_le_bytes());
     }
-    let data: Vec<f32> = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = w
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     for x in data {
         h.update(x.to_le_bytes());
     }
@@ -85,7 +102,12 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     if let Ok(d) = std::env::var("LORA_DASH_CACHE") {
         return Some(PathBuf::from(d).join("svd"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("lora-dash").join("svd"))
+    std::env::var_os("HOME").map(|h| {
+        PathBuf::from(h)
+            .join(".cache")
+            .join("lora-dash")
+            .join("svd")
+    })
 }
 
 /// SVDs on disk, one safetensors file per weight content hash.
@@ -104,7 +126,9 @@ impl SvdCache {
     }
 
     fn file(&self, hash: &str) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(format!("{hash}.safetensors")))
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}.safetensors")))
     }
 
     /// The cached SVD of `w`, or a fresh one (then stored). Returns whether it was cached.
@@ -122,7 +146,11 @@ impl SvdCache {
             // A cache that cannot be written only costs time.
             if std::fs::create_dir_all(dir).is_ok() {
                 let s = Tensor::from_vec(svd.sigma.clone(), svd.k(), &Device::Cpu)?;
-                let _ = save_tensors([("u", &svd.u), ("sigma", &s), ("v", &svd.v)].into_iter(), &path, None);
+                let _ = save_tensors(
+                    [("u", &svd.u), ("sigma", &s), ("v", &svd.v)].into_iter(),
+                    &path,
+                    None,
+                );
             }
         }
         Ok((svd, false))
@@ -151,7 +179,8 @@ pub struct SvdPrefetch {
 impl SvdPrefetch {
     /// Starts computing the SVD of every `(name, weight)` on one background thread.
     pub fn start(weights: Vec<(String, Tensor)>, cache: SvdCache) -> Self {
-        let state: Arc<(Mutex<Slots>, Condvar)> = Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
+        let state: Arc<(Mutex<Slots>, Condvar)> =
+            Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
         let hits = Arc::new(Mutex::new(0usize));
         let st = state.clone();
         let h2 = hits.clone();
@@ -162,11 +191,16 @@ impl SvdPrefetch {
                     *h2.lock().expect("svd hit counter") += 1;
                 }
                 let (lock, cv) = &*st;
-                lock.lock().expect("svd slots").insert(name, r.map(|x| Arc::new(x.0)));
+                lock.lock()
+                    .expect("svd slots")
+                    .insert(name, r.map(|x| Arc::new(x.0)));
                 cv.notify_all();
             }
         });
-        SvdPrefetch { state, cached_hits: hits }
+        SvdPrefetch {
+            state,
+            cached_hits: hits,
+        }
     }
 
     /// Blocks until the SVD of `name` is ready.
@@ -175,9 +209,14 @@ impl SvdPrefetch {
         let mut slots = lock.lock().expect("svd slots");
         loop {
             if let Some(r) = slots.get(name) {
-                return r.clone().map_err(|e| Error::msg(format!("SVD of `{name}`: {e}")));
+                return r
+                    .clone()
+                    .map_err(|e| Error::msg(format!("SVD of `{name}`: {e}")));
             }
-            slots = cv.wait_timeout(slots, Duration::from_millis(200)).expect("svd slots").0;
+            slots = cv
+                .wait_timeout(slots, Duration::from_millis(200))
+                .expect("svd slots")
+                .0;
         }
     }
 }
@@ -189,13 +228,26 @@ mod tests {
     #[test]
     fn thin_svd_reconstructs_and_cache_round_trips() {
         let mut rng = crate::rng::Rng::new(3);
-        let w = Tensor::from_vec(rng.uniform_vec(40 * 24, -1.0, 1.0), (40, 24), &Device::Cpu).unwrap();
+        let w =
+            Tensor::from_vec(rng.uniform_vec(40 * 24, -1.0, 1.0), (40, 24), &Device::Cpu).unwrap();
         let svd = thin_svd(&w, 1).unwrap();
         assert_eq!(svd.k(), 24);
         assert!(svd.sigma.windows(2).all(|p| p[0] >= p[1]));
         let s = Tensor::from_vec(svd.sigma.clone(), 24, &Device::Cpu).unwrap();
-        let rec = svd.u.broadcast_mul(&s).unwrap().matmul(&svd.v.t().unwrap()).unwrap();
-        let err = (rec - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let rec = svd
+            .u
+            .broadcast_mul(&s)
+            .unwrap()
+            .matmul(&svd.v.t().unwrap())
+            .unwrap();
+        let err = (rec - &w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(err < 1e-4, "reconstruction error {err}");
         let dir = tempfile::tempdir().unwrap();
         let cache = SvdCache::new(Some(dir.path().to_path_buf()));

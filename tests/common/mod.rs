@@ -7,7 +7,10 @@ use candle_core::{DType, Tensor};
 use lora_dash::io::Weights;
 
 pub fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
+        .join(name)
 }
 
 pub fn load_golden(name: &str) -> Weights {
@@ -23,14 +26,19 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     let cache = std::env::var("LORA_DASH_CACHE")
         .map(PathBuf::from)
         .ok()
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("lora-dash")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("lora-dash"))
+        })?;
     let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     p.exists().then_some(p)
 }
 
 /// Shared benchmark data directory (`../shared/data` beside the crate), when present.
 pub fn shared_data() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("shared").join("data");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared")
+        .join("data");
     p.exists().then_some(p)
 }
 
@@ -39,7 +47,14 @@ pub fn max_rel_diff(label: &str, got: &Tensor, want: &Tensor, keep: Option<&Tens
     let g = got.to_dtype(DType::F32).unwrap();
     let w = want.to_dtype(DType::F32).unwrap();
     assert_eq!(g.dims(), w.dims(), "{label}: shape");
-    let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    let scale = w
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
     let mut diff = (g - &w).unwrap().abs().unwrap();
     if let Some(k) = keep {
         let k = k.to_dtype(DType::F32).unwrap();

@@ -24,7 +24,10 @@ impl<'a> Reader<'a> {
             }
             _ => Err(Error::format(
                 self.path,
-                format!("truncated GGUF header at byte {} while reading {what}", self.pos),
+                format!(
+                    "truncated GGUF header at byte {} while reading {what}",
+                    self.pos
+                ),
             )),
         }
     }
@@ -45,7 +48,10 @@ impl<'a> Reader<'a> {
         let n = self.u64(what)?;
         let left = (self.b.len() - self.pos) as u64;
         if n.saturating_mul(min_size as u64) > left {
-            return Err(Error::format(self.path, format!("{what} {n} is larger than the file allows")));
+            return Err(Error::format(
+                self.path,
+                format!("{what} {n} is larger than the file allows"),
+            ));
         }
         Ok(n as usize)
     }
@@ -78,7 +84,12 @@ impl<'a> Reader<'a> {
             10 => V::U64(self.u64(key)?),
             11 => V::I64(i64::from_le_bytes(self.arr(key)?)),
             12 => V::F64(f64::from_le_bytes(self.arr(key)?)),
-            t => return Err(Error::format(self.path, format!("metadata `{key}`: unknown value type {t}"))),
+            t => {
+                return Err(Error::format(
+                    self.path,
+                    format!("metadata `{key}`: unknown value type {t}"),
+                ))
+            }
         })
     }
 }
@@ -92,8 +103,18 @@ pub(super) fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorI
     let version = r.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => return Err(Error::format(path, "GGUF version 1 is not supported; re-convert with a current llama.cpp")),
-        v if v.swap_bytes() <= 3 => return Err(Error::format(path, "big-endian GGUF files are not supported")),
+        1 => {
+            return Err(Error::format(
+                path,
+                "GGUF version 1 is not supported; re-convert with a current llama.cpp",
+            ))
+        }
+        v if v.swap_bytes() <= 3 => {
+            return Err(Error::format(
+                path,
+                "big-endian GGUF files are not supported",
+            ))
+        }
         v => return Err(Error::format(path, format!("unsupported GGUF version {v}"))),
     }
     // A tensor info takes at least 8 (name) + 4 + 4 + 8 bytes, a key/value at least 8 + 4 + 1.
@@ -111,23 +132,42 @@ pub(super) fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorI
         let name = r.string("tensor name")?;
         let n_dims = r.u32(&name)? as usize;
         if n_dims > 8 {
-            return Err(Error::format(path, format!("tensor `{name}` has {n_dims} dims")));
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` has {n_dims} dims"),
+            ));
         }
-        let dims = (0..n_dims).map(|_| r.u64(&name)).collect::<Result<Vec<_>>>()?;
+        let dims = (0..n_dims)
+            .map(|_| r.u64(&name))
+            .collect::<Result<Vec<_>>>()?;
         let ggml_type = GgmlType::from_id(r.u32(&name)?);
         let offset = r.u64(&name)?;
-        tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+        });
     }
-    let alignment = metadata.get("general.alignment").and_then(|v| v.as_u64()).unwrap_or(DEFAULT_ALIGNMENT);
+    let alignment = metadata
+        .get("general.alignment")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(DEFAULT_ALIGNMENT);
     if alignment == 0 || !alignment.is_power_of_two() {
-        return Err(Error::format(path, format!("general.alignment {alignment} is not a power of two")));
+        return Err(Error::format(
+            path,
+            format!("general.alignment {alignment} is not a power of two"),
+        ));
     }
     let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
     for t in &tensors {
         if t.offset % alignment != 0 {
             return Err(Error::format(
                 path,
-                format!("tensor `{}` offset {} is not aligned to {alignment}", t.name, t.offset),
+                format!(
+                    "tensor `{}` offset {} is not aligned to {alignment}",
+                    t.name, t.offset
+                ),
             ));
         }
     }

@@ -137,13 +137,22 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantises `n` elements of type `ty` from `data` (exactly the tensor's bytes).
 /// Errors are plain messages; the caller names the tensor.
 pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
-    let (blk, size) = ty.block_layout().ok_or_else(|| format!("unsupported tensor type {}", ty.name()))?;
+    let (blk, size) = ty
+        .block_layout()
+        .ok_or_else(|| format!("unsupported tensor type {}", ty.name()))?;
     if !n.is_multiple_of(blk) {
-        return Err(format!("{n} elements is not a multiple of the {} block size {blk}", ty.name()));
+        return Err(format!(
+            "{n} elements is not a multiple of the {} block size {blk}",
+            ty.name()
+        ));
     }
     let need = n / blk * size;
     if data.len() != need {
-        return Err(format!("{} data is {} bytes, expected {need} for {n} elements", ty.name(), data.len()));
+        return Err(format!(
+            "{} data is {} bytes, expected {need} for {n} elements",
+            ty.name(),
+            data.len()
+        ));
     }
     let block_fn: fn(&[u8], &mut [f32]) = match ty {
         GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
@@ -164,11 +173,13 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
     };
     let mut out = vec![0f32; n];
     // Blocks are independent; large embeddings dequantise in parallel.
-    out.par_chunks_mut(blk * 1024).zip(data.par_chunks(size * 1024)).for_each(|(y, b)| {
-        for (yb, bb) in y.chunks_mut(blk).zip(b.chunks(size)) {
-            block_fn(bb, yb);
-        }
-    });
+    out.par_chunks_mut(blk * 1024)
+        .zip(data.par_chunks(size * 1024))
+        .for_each(|(y, b)| {
+            for (yb, bb) in y.chunks_mut(blk).zip(b.chunks(size)) {
+                block_fn(bb, yb);
+            }
+        });
     Ok(out)
 }
 
@@ -257,7 +268,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 

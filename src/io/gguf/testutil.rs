@@ -109,7 +109,9 @@ pub(crate) fn f32_bytes(x: &[f32]) -> Vec<u8> {
 }
 
 pub(crate) fn f16_bytes(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect()
+    x.iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+        .collect()
 }
 
 /// ggml's `quantize_row_q8_0_ref`, and the values it dequantises to (q * f16(d)).
@@ -133,10 +135,14 @@ pub(crate) fn q8_0_bytes(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
 
 /// Deterministic values in [-1, 1).
 pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -144,7 +150,10 @@ pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
 
 /// GPT-2's byte -> printable character table (`bytes_to_unicode`).
 pub(crate) fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -162,11 +171,19 @@ pub(crate) fn byte_chars() -> Vec<char> {
 }
 
 /// Tiny byte-level BPE: 3 control tokens (ids 0..3), 256 byte tokens, then one token per merge.
-pub(crate) const TINY_MERGES: &[&str] =
-    &["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"];
+pub(crate) const TINY_MERGES: &[&str] = &[
+    "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2",
+];
 
-pub(crate) fn tiny_tokenizer_meta(pre: &str, add_bos: Option<bool>) -> Vec<(&'static str, GgufValue)> {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+pub(crate) fn tiny_tokenizer_meta(
+    pre: &str,
+    add_bos: Option<bool>,
+) -> Vec<(&'static str, GgufValue)> {
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
     let mut types = vec![3i32, 3, 3];
     for c in byte_chars() {
         tokens.push(c.to_string());
@@ -180,9 +197,18 @@ pub(crate) fn tiny_tokenizer_meta(pre: &str, add_bos: Option<bool>) -> Vec<(&'st
     let mut meta = vec![
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s(pre)),
-        ("tokenizer.ggml.tokens", GgufValue::Array(tokens.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.token_type", GgufValue::Array(types.into_iter().map(GgufValue::I32).collect())),
-        ("tokenizer.ggml.merges", GgufValue::Array(TINY_MERGES.iter().map(|m| s(m)).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            GgufValue::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            GgufValue::Array(TINY_MERGES.iter().map(|m| s(m)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
         ("tokenizer.ggml.padding_token_id", GgufValue::U32(0)),
@@ -226,54 +252,145 @@ pub(crate) fn llama_cpp_permute(w: &[f32], rows: usize, cols: usize, n_head: usi
 
 /// Writes a tiny llama GGUF and returns the Hugging Face tensors (name -> (shape, values)) the
 /// reader must produce. Mixed storage: Q8_0 embedding, F16 v_proj (and lm_head), F32 others.
-pub(crate) fn write_tiny_llama(path: &Path, tied: bool, pre: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub(crate) fn write_tiny_llama(
+    path: &Path,
+    tied: bool,
+    pre: &str,
+) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let vocab = 3 + 256 + TINY_MERGES.len();
     let (h, kvd) = (TINY_HIDDEN, TINY_HIDDEN / TINY_HEADS * TINY_KV_HEADS);
     let mut expected = BTreeMap::new();
     let mut tensors = Vec::new();
     let mut seed = 1;
-    let mut add = |gguf: &str, hf: &str, shape: [usize; 2], ty: GgmlType, perm_heads: Option<usize>| {
-        seed += 1;
-        let n = shape[0] * shape[1];
-        let mut vals = pseudo_random(n, seed);
-        if shape[0] == 1 {
-            vals.iter_mut().for_each(|v| *v += 1.0);
-        }
-        let stored = match perm_heads {
-            Some(nh) => llama_cpp_permute(&vals, shape[0], shape[1], nh),
-            None => vals.clone(),
-        };
-        let (data, exp) = match ty {
-            GgmlType::F32 => (f32_bytes(&stored), vals),
-            GgmlType::F16 => (f16_bytes(&stored), vals.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect()),
-            GgmlType::Q8_0 => {
-                let (d, deq) = q8_0_bytes(&stored);
-                (d, deq)
+    let mut add =
+        |gguf: &str, hf: &str, shape: [usize; 2], ty: GgmlType, perm_heads: Option<usize>| {
+            seed += 1;
+            let n = shape[0] * shape[1];
+            let mut vals = pseudo_random(n, seed);
+            if shape[0] == 1 {
+                vals.iter_mut().for_each(|v| *v += 1.0);
             }
-            _ => unreachable!(),
+            let stored = match perm_heads {
+                Some(nh) => llama_cpp_permute(&vals, shape[0], shape[1], nh),
+                None => vals.clone(),
+            };
+            let (data, exp) = match ty {
+                GgmlType::F32 => (f32_bytes(&stored), vals),
+                GgmlType::F16 => (
+                    f16_bytes(&stored),
+                    vals.iter()
+                        .map(|v| half::f16::from_f32(*v).to_f32())
+                        .collect(),
+                ),
+                GgmlType::Q8_0 => {
+                    let (d, deq) = q8_0_bytes(&stored);
+                    (d, deq)
+                }
+                _ => unreachable!(),
+            };
+            let hf_shape = if shape[0] == 1 {
+                vec![shape[1]]
+            } else {
+                shape.to_vec()
+            };
+            let dims = hf_shape.iter().rev().map(|&d| d as u64).collect();
+            tensors.push(TestTensor {
+                name: gguf.into(),
+                dims,
+                ty,
+                data,
+            });
+            expected.insert(hf.to_string(), (hf_shape, exp));
         };
-        let hf_shape = if shape[0] == 1 { vec![shape[1]] } else { shape.to_vec() };
-        let dims = hf_shape.iter().rev().map(|&d| d as u64).collect();
-        tensors.push(TestTensor { name: gguf.into(), dims, ty, data });
-        expected.insert(hf.to_string(), (hf_shape, exp));
-    };
-    add("token_embd.weight", "model.embed_tokens.weight", [vocab, h], GgmlType::Q8_0, None);
+    add(
+        "token_embd.weight",
+        "model.embed_tokens.weight",
+        [vocab, h],
+        GgmlType::Q8_0,
+        None,
+    );
     for l in 0..TINY_LAYERS {
         let g = |s: &str| format!("blk.{l}.{s}.weight");
         let f = |s: &str| format!("model.layers.{l}.{s}.weight");
-        add(&g("attn_norm"), &f("input_layernorm"), [1, h], GgmlType::F32, None);
-        add(&g("attn_q"), &f("self_attn.q_proj"), [h, h], GgmlType::F32, Some(TINY_HEADS));
-        add(&g("attn_k"), &f("self_attn.k_proj"), [kvd, h], GgmlType::F32, Some(TINY_KV_HEADS));
-        add(&g("attn_v"), &f("self_attn.v_proj"), [kvd, h], GgmlType::F16, None);
-        add(&g("attn_output"), &f("self_attn.o_proj"), [h, h], GgmlType::F32, None);
-        add(&g("ffn_norm"), &f("post_attention_layernorm"), [1, h], GgmlType::F32, None);
-        add(&g("ffn_gate"), &f("mlp.gate_proj"), [TINY_FF, h], GgmlType::F32, None);
-        add(&g("ffn_up"), &f("mlp.up_proj"), [TINY_FF, h], GgmlType::F32, None);
-        add(&g("ffn_down"), &f("mlp.down_proj"), [h, TINY_FF], GgmlType::F32, None);
+        add(
+            &g("attn_norm"),
+            &f("input_layernorm"),
+            [1, h],
+            GgmlType::F32,
+            None,
+        );
+        add(
+            &g("attn_q"),
+            &f("self_attn.q_proj"),
+            [h, h],
+            GgmlType::F32,
+            Some(TINY_HEADS),
+        );
+        add(
+            &g("attn_k"),
+            &f("self_attn.k_proj"),
+            [kvd, h],
+            GgmlType::F32,
+            Some(TINY_KV_HEADS),
+        );
+        add(
+            &g("attn_v"),
+            &f("self_attn.v_proj"),
+            [kvd, h],
+            GgmlType::F16,
+            None,
+        );
+        add(
+            &g("attn_output"),
+            &f("self_attn.o_proj"),
+            [h, h],
+            GgmlType::F32,
+            None,
+        );
+        add(
+            &g("ffn_norm"),
+            &f("post_attention_layernorm"),
+            [1, h],
+            GgmlType::F32,
+            None,
+        );
+        add(
+            &g("ffn_gate"),
+            &f("mlp.gate_proj"),
+            [TINY_FF, h],
+            GgmlType::F32,
+            None,
+        );
+        add(
+            &g("ffn_up"),
+            &f("mlp.up_proj"),
+            [TINY_FF, h],
+            GgmlType::F32,
+            None,
+        );
+        add(
+            &g("ffn_down"),
+            &f("mlp.down_proj"),
+            [h, TINY_FF],
+            GgmlType::F32,
+            None,
+        );
     }
-    add("output_norm.weight", "model.norm.weight", [1, h], GgmlType::F32, None);
+    add(
+        "output_norm.weight",
+        "model.norm.weight",
+        [1, h],
+        GgmlType::F32,
+        None,
+    );
     if !tied {
-        add("output.weight", "lm_head.weight", [vocab, h], GgmlType::F16, None);
+        add(
+            "output.weight",
+            "lm_head.weight",
+            [vocab, h],
+            GgmlType::F16,
+            None,
+        );
     }
     let u = |x: usize| GgufValue::U32(x as u32);
     let mut meta = vec![
@@ -285,7 +402,10 @@ pub(crate) fn write_tiny_llama(path: &Path, tied: bool, pre: &str) -> BTreeMap<S
         ("llama.feed_forward_length", u(TINY_FF)),
         ("llama.attention.head_count", u(TINY_HEADS)),
         ("llama.attention.head_count_kv", u(TINY_KV_HEADS)),
-        ("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-5),
+        ),
         ("llama.rope.freq_base", GgufValue::F32(10000.0)),
         ("llama.rope.dimension_count", u(h / TINY_HEADS)),
     ];

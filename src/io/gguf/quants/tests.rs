@@ -9,8 +9,15 @@ fn h(x: f32) -> [u8; 2] {
 
 fn check(ty: GgmlType, block: &[u8], n: usize, expect: &[(usize, f32)]) -> Vec<f32> {
     let y = dequantize(ty, block, n).unwrap();
-    let max_diff = expect.iter().map(|&(i, v)| (y[i] - v).abs()).fold(0f32, f32::max);
-    println!("{}: max diff {max_diff:e} over {} hand-computed values", ty.name(), expect.len());
+    let max_diff = expect
+        .iter()
+        .map(|&(i, v)| (y[i] - v).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "{}: max diff {max_diff:e} over {} hand-computed values",
+        ty.name(),
+        expect.len()
+    );
     for &(i, v) in expect {
         assert_eq!(y[i], v, "{} element {i}", ty.name());
     }
@@ -23,8 +30,18 @@ fn float_types() {
     b.extend(1.5f32.to_le_bytes());
     b.extend((-0.25f32).to_le_bytes());
     check(GgmlType::F32, &b, 2, &[(0, 1.5), (1, -0.25)]);
-    check(GgmlType::F16, &[0x00, 0x3C, 0x00, 0xC0], 2, &[(0, 1.0), (1, -2.0)]);
-    check(GgmlType::BF16, &[0x80, 0x3F, 0x40, 0xC0], 2, &[(0, 1.0), (1, -3.0)]);
+    check(
+        GgmlType::F16,
+        &[0x00, 0x3C, 0x00, 0xC0],
+        2,
+        &[(0, 1.0), (1, -2.0)],
+    );
+    check(
+        GgmlType::BF16,
+        &[0x80, 0x3F, 0x40, 0xC0],
+        2,
+        &[(0, 1.0), (1, -3.0)],
+    );
 }
 
 #[test]
@@ -32,7 +49,12 @@ fn q4_0_block() {
     // d = 0.5; qs[j] = j | (15 - j) << 4: element j = (j - 8) / 2, element 16 + j = (7 - j) / 2.
     let mut b = h(0.5).to_vec();
     b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-    let y = check(GgmlType::Q4_0, &b, 32, &[(0, -4.0), (8, 0.0), (15, 3.5), (16, 3.5), (31, -4.0)]);
+    let y = check(
+        GgmlType::Q4_0,
+        &b,
+        32,
+        &[(0, -4.0), (8, 0.0), (15, 3.5), (16, 3.5), (31, -4.0)],
+    );
     for j in 0..16 {
         assert_eq!(y[j], (j as f32 - 8.0) * 0.5);
         assert_eq!(y[16 + j], (7.0 - j as f32) * 0.5);
@@ -45,7 +67,12 @@ fn q4_1_block() {
     let mut b = h(0.25).to_vec();
     b.extend(h(-1.0));
     b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-    check(GgmlType::Q4_1, &b, 32, &[(0, -1.0), (1, -0.75), (15, 2.75), (16, 2.75), (31, -1.0)]);
+    check(
+        GgmlType::Q4_1,
+        &b,
+        32,
+        &[(0, -1.0), (1, -0.75), (15, 2.75), (16, 2.75), (31, -1.0)],
+    );
 }
 
 #[test]
@@ -57,7 +84,12 @@ fn q5_0_block() {
     let mut qs = [0u8; 16];
     qs[15] = 0xF0;
     b.extend(qs);
-    check(GgmlType::Q5_0, &b, 32, &[(0, 0.0), (1, -16.0), (16, -16.0), (31, 15.0)]);
+    check(
+        GgmlType::Q5_0,
+        &b,
+        32,
+        &[(0, 0.0), (1, -16.0), (16, -16.0), (31, 15.0)],
+    );
 }
 
 #[test]
@@ -70,20 +102,48 @@ fn q5_1_block() {
     let mut qs = [0u8; 16];
     qs[4] = 0x32;
     b.extend(qs);
-    check(GgmlType::Q5_1, &b, 32, &[(0, 1.0), (4, 2.0), (20, 10.5), (21, 1.0)]);
+    check(
+        GgmlType::Q5_1,
+        &b,
+        32,
+        &[(0, 1.0), (4, 2.0), (20, 10.5), (21, 1.0)],
+    );
 }
 
 #[test]
 fn q8_0_and_q8_k_blocks() {
     // d = 0.125, qs[j] = j - 16, qs[0] = -128.
     let mut b = h(0.125).to_vec();
-    b.extend((0..32i32).map(|j| if j == 0 { -128i8 as u8 } else { (j - 16) as i8 as u8 }));
-    check(GgmlType::Q8_0, &b, 32, &[(0, -16.0), (1, -1.875), (16, 0.0), (31, 1.875)]);
+    b.extend((0..32i32).map(|j| {
+        if j == 0 {
+            -128i8 as u8
+        } else {
+            (j - 16) as i8 as u8
+        }
+    }));
+    check(
+        GgmlType::Q8_0,
+        &b,
+        32,
+        &[(0, -16.0), (1, -1.875), (16, 0.0), (31, 1.875)],
+    );
     // Q8_K: f32 d = 0.5, qs[j] = j as i8, then 16 unused i16 sums.
     let mut b = 0.5f32.to_le_bytes().to_vec();
     b.extend((0..256u32).map(|j| j as u8));
     b.extend([0u8; 32]);
-    check(GgmlType::Q8K, &b, 256, &[(0, 0.0), (3, 1.5), (127, 63.5), (128, -64.0), (200, -28.0), (255, -0.5)]);
+    check(
+        GgmlType::Q8K,
+        &b,
+        256,
+        &[
+            (0, 0.0),
+            (3, 1.5),
+            (127, 63.5),
+            (128, -64.0),
+            (200, -28.0),
+            (255, -0.5),
+        ],
+    );
 }
 
 /// Shared scales for Q4_K / Q5_K: sub-block 0: sc 1, min 2; sub-block 1: sc 3, min 4;
@@ -114,7 +174,16 @@ fn q4_k_block() {
         GgmlType::Q4K,
         &b,
         256,
-        &[(0, 9.0), (1, -1.0), (32, 19.0), (33, -2.0), (64, 0.0), (128, 284.5), (160, 1.0), (161, -9.0)],
+        &[
+            (0, 9.0),
+            (1, -1.0),
+            (32, 19.0),
+            (33, -2.0),
+            (64, 0.0),
+            (128, 284.5),
+            (160, 1.0),
+            (161, -9.0),
+        ],
     );
 }
 
@@ -131,7 +200,12 @@ fn q5_k_block() {
     qs[0] = 0x7A;
     qs[64] = 0x2F;
     b.extend(qs);
-    check(GgmlType::Q5K, &b, 256, &[(0, 25.0), (1, -1.0), (32, 19.0), (128, 588.5), (160, 1.0)]);
+    check(
+        GgmlType::Q5K,
+        &b,
+        256,
+        &[(0, 25.0), (1, -1.0), (32, 19.0), (128, 588.5), (160, 1.0)],
+    );
 }
 
 #[test]
@@ -164,7 +238,15 @@ fn q6_k_block() {
         GgmlType::Q6K,
         &b,
         256,
-        &[(0, -22.0), (1, -32.0), (16, -112.0), (32, 22.5), (64, 1.5), (96, 42.0), (128, 77.5)],
+        &[
+            (0, -22.0),
+            (1, -32.0),
+            (16, -112.0),
+            (32, 22.5),
+            (64, 1.5),
+            (96, 42.0),
+            (128, 77.5),
+        ],
     );
 }
 
