@@ -12,8 +12,8 @@ Workload, mirroring `lora-dash eval` (and CR_MR/commonsense_evaluate.py's prompt
     (instruction, input) of commonsense_evaluate.py, byte for byte;
   * prompts sorted by token length, longest first (stable), in batches of --batch-size,
     left-padded with the tokenizer's pad id and an attention mask;
-  * greedy decoding (do_sample=False, num_beams=1), max_new_tokens=32, stopping at the
-    model's EOS ids;
+  * greedy decoding (do_sample=False, num_beams=1; --num-beams 4 for beam search),
+    max_new_tokens=32, stopping at the model's EOS ids;
   * the timed region is what `lora-dash eval` times: tokenisation, generation and decoding
     of every record; model loading is excluded; no warm-up on either side.
 Prints one JSON object; --dump writes the responses (text after "### Response:", stripped)
@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--num-beams", type=int, default=1, help="1 = greedy; 4 = the reference evaluation's beam search")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--dump", default=None, help="write responses as JSON Lines here")
     args = ap.parse_args()
@@ -93,7 +94,7 @@ def main():
             out = model.generate(
                 **enc,
                 do_sample=False,
-                num_beams=1,
+                num_beams=args.num_beams,
                 max_new_tokens=args.max_new_tokens,
                 eos_token_id=eos,
                 pad_token_id=pad,
@@ -126,6 +127,7 @@ def main():
                 "generated_tokens": new_tokens,
                 "batch_size": args.batch_size,
                 "max_new_tokens": args.max_new_tokens,
+                "num_beams": args.num_beams,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

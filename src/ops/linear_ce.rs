@@ -16,11 +16,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{
-    exp_f32, i64_data, is_cpu_f32, matmul_into, row_max, simd, sum_exp, CResult, MatView,
-};
+use super::cpu::{exp_f32, i64_data, is_cpu_f32, matmul_into, simd, CResult, MatView};
 use super::lora_linear::{tensor_view, view};
-use super::IGNORE_INDEX;
+use super::loss::{label_index, log_sum_exp};
 use crate::error::{Error, Result};
 
 /// Rows projected at once: the logits buffer is `CHUNK_ROWS · v` floats (25 MB for v =
@@ -78,16 +76,9 @@ struct LinearCrossEntropy {
 fn scored_rows(labels: &[i64], v: usize) -> CResult<Vec<(usize, usize)>> {
     let mut rows = Vec::new();
     for (i, &l) in labels.iter().enumerate() {
-        if l == IGNORE_INDEX {
-            continue;
+        if let Some(l) = label_index(l, i, v)? {
+            rows.push((i, l));
         }
-        if l < 0 || l as u64 >= v as u64 {
-            return Err(candle_core::Error::Msg(format!(
-                "linear_cross_entropy: label {l} at position {i} is outside the vocabulary (size {v}) and is not {IGNORE_INDEX}"
-            ))
-            .bt());
-        }
-        rows.push((i, l as usize));
     }
     Ok(rows)
 }
@@ -110,16 +101,6 @@ fn chunk_logits(
     }
     logits.resize(len * v, 0.0);
     matmul_into(logits, MatView::rows(hbuf, len, e), w.t(), 1.0, false, true);
-}
-
-/// log Σ exp(row), max-shifted.
-#[inline(always)]
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row_max(row);
-    if !max.is_finite() {
-        return max;
-    }
-    max + sum_exp(row, max).ln() as f32
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -229,6 +210,7 @@ mod tests {
     use super::*;
     use crate::ops::gradcheck::{finite_difference_check, max_abs_diff, max_rel_diff, randn};
     use crate::ops::reference;
+    use crate::ops::IGNORE_INDEX;
     use candle_core::Var;
 
     fn labels(v: &[i64]) -> Result<Tensor> {

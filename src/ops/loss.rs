@@ -53,7 +53,8 @@ struct CrossEntropy {
 }
 
 /// Checks one label against the vocabulary; `None` for an ignored position.
-fn label_index(label: i64, pos: usize, v: usize) -> CResult<Option<usize>> {
+/// Shared with `linear_cross_entropy`, which scores the same rows without stored logits.
+pub(super) fn label_index(label: i64, pos: usize, v: usize) -> CResult<Option<usize>> {
     if label == IGNORE_INDEX {
         return Ok(None);
     }
@@ -68,7 +69,7 @@ fn label_index(label: i64, pos: usize, v: usize) -> CResult<Option<usize>> {
 
 /// log Σ exp(row), max-shifted.
 #[inline(always)]
-fn log_sum_exp(row: &[f32]) -> f32 {
+pub(super) fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row_max(row);
     if !max.is_finite() {
         return max;

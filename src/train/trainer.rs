@@ -461,8 +461,19 @@ pub fn validation_loss(
         if batch.n_target_tokens == 0 {
             continue;
         }
+        // Detached: no backward follows, so the loss need not form the hidden-state gradient
+        // (one LM-head-sized GEMM per batch) that a tracked input would ask for.
+        let h = model
+            .forward_hidden(
+                &batch.input_ids,
+                Some(&batch.attention_mask),
+                None,
+                None,
+                &ctx,
+            )?
+            .detach();
         let loss = model
-            .loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?
+            .loss_from_hidden(&h, &batch.labels, &ctx)?
             .to_scalar::<f32>()?;
         sum += loss as f64 * batch.n_target_tokens as f64;
         n += batch.n_target_tokens;
