@@ -34,37 +34,11 @@ from pathlib import Path
 import torch
 
 CRATE = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = CRATE.parent / "shared" / "data" / "commonsense" / "ARC-Easy" / "train.json"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The training prompt, padding id and model location are those of the golden-file generator.
+sys.path.insert(0, str(CRATE / "tests" / "golden"))
+from make_golden import DEFAULT_DATA, GGUF_NAME, PAD_ID, find_gguf, generate_prompt  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-PAD_ID = 0  # finetune.py: tokenizer.pad_token_id = 0
-
-
-def generate_prompt(rec):
-    """CR_MR/finetune.py generate_prompt, byte for byte (trailing spaces included)."""
-    ind = "\n                "
-    if rec["input"]:
-        return (
-            "Below is an instruction that describes a task, paired with an input that provides "
-            "further context. Write a response that appropriately completes the request. \n"
-            + ind + "### Instruction:" + ind + rec["instruction"] + ind
-            + ind + "### Input:" + ind + rec["input"] + ind
-            + ind + "### Response:" + ind + rec["output"]
-        )
-    return (
-        "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.  \n"
-        + ind + "### Instruction:" + ind + rec["instruction"] + ind
-        + ind + "### Response:" + ind + rec["output"]
-    )
-
-
-def default_gguf():
-    if os.environ.get("LORA_DASH_SMOLLM2_GGUF"):
-        return Path(os.environ["LORA_DASH_SMOLLM2_GGUF"])
-    if os.environ.get("LORA_DASH_CACHE"):
-        return Path(os.environ["LORA_DASH_CACHE"]) / GGUF_NAME
-    return Path.home() / ".cache" / "lora-dash" / GGUF_NAME
 
 
 def load(args):
@@ -78,7 +52,7 @@ def load(args):
 
     from gguf import GGUFReader
 
-    gguf = Path(args.gguf) if args.gguf else default_gguf()
+    gguf = Path(args.gguf) if args.gguf else find_gguf()
     if not gguf.is_file():
         sys.exit(f"GGUF not found: {gguf} (pass --gguf or --model)")
     d, f = str(gguf.parent), gguf.name
