@@ -7,6 +7,7 @@ use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Tensor};
+use rayon::prelude::*;
 
 pub(crate) type CResult<T> = candle_core::Result<T>;
 
@@ -219,6 +220,55 @@ pub(crate) fn matmul_into(
 /// Rows at least this long are worth a rayon task each; shorter rows are batched.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
+}
+
+/// `f(out_row, x_row)` for every length-`d` row of `out` and `x` (same length), rows
+/// batched into rayon tasks by `rows_per_task` and each task run under `simd`. No-op for
+/// `d == 0`.
+#[inline(always)]
+pub(crate) fn map_rows(
+    out: &mut [f32],
+    x: &[f32],
+    d: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
+    if d == 0 {
+        return;
+    }
+    let chunk = d * rows_per_task(d);
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(o, x)| {
+            simd(|| {
+                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                    f(o, x);
+                }
+            })
+        });
+}
+
+/// `map_rows` over two inputs of the same shape: `f(out_row, x_row, y_row)`.
+#[inline(always)]
+pub(crate) fn map_rows2(
+    out: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    d: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) {
+    if d == 0 {
+        return;
+    }
+    let chunk = d * rows_per_task(d);
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
+        .for_each(|(o, (x, y))| {
+            simd(|| {
+                for ((o, x), y) in o.chunks_mut(d).zip(x.chunks(d)).zip(y.chunks(d)) {
+                    f(o, x, y);
+                }
+            })
+        });
 }
 
 /// `e^x` in f32 without a libm call, so the loops that use it vectorise: Cephes `expf`

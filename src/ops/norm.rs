@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{dot_f32, f32_data, is_cpu_f32, rows_per_task, simd, CResult};
+use super::cpu::{dot_f32, f32_data, is_cpu_f32, map_rows, rows_per_task, simd, CResult};
 use crate::error::{Error, Result};
 
 /// `x (.., d)` normalised over `d` and scaled by `w (d)`.
@@ -54,21 +54,12 @@ impl CustomOp2 for RmsNorm {
         let w = f32_data(s2, l2, "rms-norm")?;
         let d = w.len();
         let mut out = vec![0f32; x.len()];
-        if d > 0 {
-            let chunk = d * rows_per_task(d);
-            out.par_chunks_mut(chunk)
-                .zip(x.par_chunks(chunk))
-                .for_each(|(o, x)| {
-                    simd(|| {
-                        for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                            let r = inv_rms(x, self.eps);
-                            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
-                                *o = x * r * w;
-                            }
-                        }
-                    })
-                });
-        }
+        map_rows(&mut out, &x, d, |o, x| {
+            let r = inv_rms(x, self.eps);
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
+                *o = x * r * w;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

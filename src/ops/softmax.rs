@@ -2,10 +2,9 @@
 //! output `y` the graph already holds (no extra buffer survives the forward).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::cpu::{
-    dot_f32, exp_store_sum, f32_data, is_cpu_f32, row_max, rows_per_task, simd, CResult,
+    dot_f32, exp_store_sum, f32_data, is_cpu_f32, map_rows, map_rows2, row_max, CResult,
 };
 use crate::error::Result;
 
@@ -42,18 +41,7 @@ impl CustomOp1 for Softmax {
         let x = f32_data(s, l, "softmax-last-dim")?;
         let d = l.dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; x.len()];
-        if d > 0 {
-            let chunk = d * rows_per_task(d);
-            out.par_chunks_mut(chunk)
-                .zip(x.par_chunks(chunk))
-                .for_each(|(o, x)| {
-                    simd(|| {
-                        for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                            softmax_row(x, o);
-                        }
-                    })
-                });
-        }
+        map_rows(&mut out, &x, d, |o, x| softmax_row(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -81,21 +69,12 @@ impl CustomOp2 for SoftmaxBwd {
         let dy = f32_data(s2, l2, "softmax-last-dim-bwd")?;
         let d = l1.dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; y.len()];
-        if d > 0 {
-            let chunk = d * rows_per_task(d);
-            out.par_chunks_mut(chunk)
-                .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-                .for_each(|(o, (y, dy))| {
-                    simd(|| {
-                        for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
-                            let dot = dot_f32(y, dy) as f32;
-                            for i in 0..d {
-                                o[i] = y[i] * (dy[i] - dot);
-                            }
-                        }
-                    })
-                });
-        }
+        map_rows2(&mut out, &y, &dy, d, |o, y, dy| {
+            let dot = dot_f32(y, dy) as f32;
+            for i in 0..d {
+                o[i] = y[i] * (dy[i] - dot);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
