@@ -9,7 +9,7 @@
 #   examples/commonsense/run.sh [OUT]          # OUT defaults to runs/commonsense
 #
 # Scale knobs (environment): STEPS (optimizer steps, 1000), DASH_T (pre-launch, 100), DASH_S (8),
-# LIMIT (test records per task, 300), BEAMS (1 = greedy; 4 = the authors' beam search),
+# LIMIT (test records per task, 200), BEAMS (1 = greedy; 4 = the authors' beam search),
 # DATA (the directory holding <task>/{train,test}.json, ../shared/data/commonsense),
 # BIN (the lora-dash binary; built with `cargo build --release` when unset), JOBS (2 runs the
 # two fine-tunes, then the two fine-tuned evaluations, side by side on one thread each: on
@@ -21,7 +21,7 @@ data="${DATA:-../shared/data/commonsense}"
 steps="${STEPS:-1000}"
 dash_t="${DASH_T:-100}"
 dash_s="${DASH_S:-8}"
-limit="${LIMIT:-300}"
+limit="${LIMIT:-200}"
 beams="${BEAMS:-1}"
 jobs="${JOBS:-1}"
 if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/lora-dash; fi
