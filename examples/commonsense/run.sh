@@ -9,7 +9,7 @@
 #   examples/commonsense/run.sh [OUT]          # OUT defaults to runs/commonsense
 #
 # Scale knobs (environment): STEPS (optimizer steps, 1000), DASH_T (pre-launch, 100), DASH_S (8),
-# LIMIT (test records per task, 200), BEAMS (1 = greedy; 4 = the authors' beam search),
+# LIMIT (test records per task, 200; `all` for whole files), BEAMS (1 = greedy; 4 = the authors' beam search),
 # DATA (the directory holding <task>/{train,test}.json, ../shared/data/commonsense),
 # BIN (the lora-dash binary; built with `cargo build --release` when unset), JOBS (2 runs the
 # two fine-tunes, then the two fine-tuned evaluations, side by side on one thread each: on
@@ -42,7 +42,8 @@ common=(--model "$gguf" --data "${train_files[@]}" --rank 8 --alpha 16 --dropout
         --target-modules q_proj,k_proj,v_proj,up_proj,down_proj --batch-size 4 --cutoff-len 256
         --lr 3e-4 --warmup-steps 10 --schedule linear --max-steps "$steps"
         --val-set-size 64 --eval-every 100 --seed 42)
-ev=(--model "$gguf" --data "${test_files[@]}" --limit "$limit" --mode generate --num-beams "$beams")
+ev=(--model "$gguf" --data "${test_files[@]}" --mode generate --num-beams "$beams")
+[ "$limit" = all ] || ev+=(--limit "$limit")
 mkdir -p "$out"
 
 # Runs "$@" (a lora-dash command writing $out/$name) unless $out/$name/$done exists, so an
