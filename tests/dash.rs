@@ -275,7 +275,7 @@ fn gradient_of_c_matches_finite_differences() {
     let c0: Vec<f32> = c.as_tensor().to_vec1().unwrap();
     let eps = 1e-2f32;
     for i in 0..c0.len() {
-        let mut f = |delta: f32| {
+        let f = |delta: f32| {
             let mut v = c0.clone();
             v[i] += delta;
             c.set(&Tensor::from_vec(v, c0.len(), &Device::Cpu).unwrap())

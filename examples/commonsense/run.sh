@@ -80,7 +80,9 @@ import json, sys
 out = sys.argv[1]
 runs = [("base (zero-shot)", "eval-base"), ("LoRA r=8", "eval-lora"), ("LoRA-Dash r=8, s=8", "eval-dash")]
 res = {name: json.load(open(f"{out}/{d}/results.json")) for name, d in runs}
-tasks = [k for k, v in res[runs[0][0]].items() if isinstance(v, dict)]
+found = [k for k, v in res[runs[0][0]].items() if isinstance(v, dict)]
+paper = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+tasks = [t for t in paper if t in found] + [t for t in found if t not in paper]
 print("| model | " + " | ".join(tasks) + " | average |")
 print("| --- " * (len(tasks) + 2) + "|")
 for name, _ in runs:
