@@ -18,6 +18,7 @@ common=(--model "$gguf" --data "$data" --batch-size 4 --cutoff-len 256 --rank 8 
 for r in $(seq "$rounds"); do
   echo "round $r"
   echo -n "lora-dash lora: "; "$bin" bench "${common[@]}" --max-steps 22 --skip 2 2>/dev/null
-  echo -n "pytorch+peft:   "; "$py" bench/peft_bench.py --gguf "$gguf" --steps 20 --warmup 2 2>/dev/null | tail -1
+  echo -n "pytorch+peft:   "; "$py" bench/peft_bench.py --gguf "$gguf" --steps 20 --warmup 2 2>/dev/null |
+    "$py" -c 'import json, sys; r = json.load(sys.stdin); r.pop("losses", None); print(json.dumps(r))'
   echo -n "lora-dash dash: "; "$bin" bench "${common[@]}" --method dash --dash-t 2 --dash-s 8 --max-steps 22 --skip 2 2>/dev/null
 done
