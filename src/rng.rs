@@ -62,6 +62,13 @@ impl Rng {
         }
     }
 
+    /// Standard normal (Box–Muller on two uniforms; the first must be > 0).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64; // (0, 1]
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
     /// `n` values uniform in [lo, hi).
     pub fn uniform_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         (0..n).map(|_| lo + (hi - lo) * self.next_f32()).collect()
@@ -86,5 +93,10 @@ mod tests {
         assert!(u.iter().all(|x| (-1.0..1.0).contains(x)));
         let mean: f32 = u.iter().sum::<f32>() / 1000.0;
         assert!(mean.abs() < 0.1, "mean {mean}");
+        let n: Vec<f32> = (0..20000).map(|_| b.normal()).collect();
+        let m = n.iter().sum::<f32>() / n.len() as f32;
+        let var = n.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / n.len() as f32;
+        // Standard errors: mean 1/√20000 ≈ 0.007, variance ≈ 0.01.
+        assert!(m.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {m} var {var}");
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::golden;
+use lora_dash::models::Model;
 use lora_dash::adapters::TargetModules;
 use lora_dash::cli::analyze_cmd::{run, AnalyzeArgs};
 use lora_dash::io::{self, Weights};
@@ -106,10 +107,9 @@ fn check_layer(label: &str, got: &[f32], want: &[f64], sigma: &[f64], s: usize) 
 #[test]
 fn lora_and_dash_deltas_match_naive_f64_reference() {
     let (loaded, base) = tiny();
-    let cfg = loaded.config.resolve().unwrap();
     let s = 4;
     for (dir, scale) in [("tiny-lora", Some(2.0)), ("tiny-dash", None)] {
-        let src = load_deltas(&cfg, &loaded.weights, &DeltaSource::Adapter(golden(dir))).unwrap();
+        let src = load_deltas(&loaded, &DeltaSource::Adapter(golden(dir))).unwrap();
         assert_eq!(src.layers.len(), 14, "{dir}");
         let (a, sp) = analyze("tiny", &base, &src, None, s, &SvdCache::disabled(), None).unwrap();
         let mut worst = 0f64;
@@ -178,10 +178,8 @@ fn finetuned_delta_matches_naive_f64_reference_and_skips_unchanged_layers() {
     let ft = d.path().join("ft");
     make_finetuned(&ft, "q_proj,down_proj", 7, 0.02);
     let (loaded, base) = tiny();
-    let cfg = loaded.config.resolve().unwrap();
     let src = load_deltas(
-        &cfg,
-        &loaded.weights,
+        &loaded,
         &DeltaSource::Finetuned(ft.to_string_lossy().into_owned()),
     )
     .unwrap();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::golden;
+use lora_dash::models::Model;
 use lora_dash::adapters::{Adapter, DashLayer, LoraConfig, TargetModules};
 use lora_dash::cli::TrainArgs;
 use lora_dash::io;
@@ -118,6 +119,7 @@ fn switch_happens_at_step_t_with_accumulation_and_writes_outputs() {
     io::peft::load_lora(&mut m, &out.join("switch")).unwrap();
     let l = m
         .linears()
+        .into_iter()
         .find(|l| l.path == "model.layers.1.mlp.down_proj")
         .unwrap();
     let lora = l.adapter.as_ref().unwrap().as_lora().unwrap();
@@ -261,6 +263,7 @@ fn gradient_of_c_matches_finite_differences() {
     let ctx = Ctx::eval();
     let l = m
         .linears()
+        .into_iter()
         .find(|l| l.path == "model.layers.0.mlp.up_proj")
         .unwrap();
     let c = l.adapter.as_ref().unwrap().as_dash().unwrap().c.clone();

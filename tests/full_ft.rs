@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use common::{golden, max_rel_diff};
+use lora_dash::models::Model;
 use lora_dash::adapters::TargetModules;
 use lora_dash::cli::TrainArgs;
 use lora_dash::data::alpaca::load_records;

@@ -5,6 +5,7 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::{golden, load_golden, max_rel_diff};
+use lora_dash::models::Model;
 use lora_dash::io::{self, Weights};
 use lora_dash::models::{Ctx, Llama};
 

@@ -5,6 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{load_golden, max_rel_diff, smollm2_gguf};
+use lora_dash::models::Model;
 use lora_dash::io;
 use lora_dash::models::{Ctx, Llama};
 
@@ -96,6 +97,7 @@ fn selection_matches_naive_f64_on_real_weights() {
     let Some((_, m)) = model() else { return };
     let l = m
         .linears()
+        .into_iter()
         .find(|l| l.path == "model.layers.3.self_attn.q_proj")
         .unwrap();
     let (o, i) = (l.out_dim(), l.in_dim());

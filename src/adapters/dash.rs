@@ -3,7 +3,7 @@
 //! ΔW = s_lora·B·A + U_s·diag(c)·V_sᵀ. The dash term is not scaled and, as written in the
 //! method's definition, takes the input without dropout.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::adapters::LoraLayer;
 use crate::error::Result;
@@ -31,7 +31,7 @@ impl DashLayer {
         freeze_ab: bool,
     ) -> Result<Self> {
         let s = indices.len();
-        let c = Var::from_tensor(&Tensor::zeros(s, DType::F32, &Device::Cpu)?)?;
+        let c = Var::from_tensor(&Tensor::zeros(s, DType::F32, u_s.device())?)?;
         Ok(DashLayer {
             lora,
             u_s,

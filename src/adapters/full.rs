@@ -14,9 +14,9 @@ pub struct FullDelta {
 
 impl FullDelta {
     /// ΔW = 0: the adapted layer starts as the base layer.
-    pub fn zeros(in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub fn zeros(in_dim: usize, out_dim: usize, dev: &Device) -> Result<Self> {
         Ok(FullDelta {
-            delta: Var::from_tensor(&Tensor::zeros((out_dim, in_dim), DType::F32, &Device::Cpu)?)?,
+            delta: Var::from_tensor(&Tensor::zeros((out_dim, in_dim), DType::F32, dev)?)?,
         })
     }
 
@@ -43,7 +43,7 @@ mod tests {
         let (n, i, o) = (3, 5, 4);
         let x = Tensor::from_vec(rng.uniform_vec(n * i, -1.0, 1.0), (n, i), &Device::Cpu).unwrap();
         let g = Tensor::from_vec(rng.uniform_vec(n * o, -1.0, 1.0), (n, o), &Device::Cpu).unwrap();
-        let f = FullDelta::zeros(i, o).unwrap();
+        let f = FullDelta::zeros(i, o, &Device::Cpu).unwrap();
         let d0 = Tensor::from_vec(rng.uniform_vec(o * i, -0.5, 0.5), (o, i), &Device::Cpu).unwrap();
         f.delta.set(&d0).unwrap();
         let loss = |f: &FullDelta| -> Tensor {

@@ -25,14 +25,15 @@ impl LoraLayer {
         scale: f64,
         dropout: f32,
         rng: &mut Rng,
+        dev: &Device,
     ) -> Result<Self> {
         let bound = 1.0 / (in_dim as f32).sqrt();
         let a = Tensor::from_vec(
             rng.uniform_vec(r * in_dim, -bound, bound),
             (r, in_dim),
-            &Device::Cpu,
+            dev,
         )?;
-        let b = Tensor::zeros((out_dim, r), candle_core::DType::F32, &Device::Cpu)?;
+        let b = Tensor::zeros((out_dim, r), candle_core::DType::F32, dev)?;
         Ok(LoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,

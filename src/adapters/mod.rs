@@ -3,6 +3,7 @@
 
 pub mod dash;
 pub mod full;
+pub mod inject;
 pub mod lora;
 pub mod target;
 
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::models::Ctx;
 pub use dash::DashLayer;
 pub use full::FullDelta;
+pub use inject::{inject_full, inject_lora};
 pub use lora::{lora_scale, LoraLayer};
 pub use target::TargetModules;
 

@@ -65,6 +65,11 @@ pub enum Matcher {
 }
 
 impl Matcher {
+    /// `all-linear`: the caller also leaves out the model's output heads.
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self, Matcher::AllLinear)
+    }
+
     pub fn matches(&self, path: &str) -> bool {
         match self {
             Matcher::Names(names) => names

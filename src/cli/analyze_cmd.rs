@@ -11,7 +11,6 @@ use clap::{ArgGroup, Args};
 use crate::error::{Error, Result};
 use crate::io::atomic::{write_file, StagedDir};
 use crate::io::weights::save_tensors;
-use crate::models::Llama;
 use crate::tsd::analysis::{analyze, load_deltas, Analysis, DeltaSource, Spectra};
 use crate::tsd::plots::{
     plot_delta_spectrum, plot_overlap, plot_tsd_heatmap, HeatRow, SpectrumSeries,
@@ -96,12 +95,11 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
         return Err(Error::OutputExists(args.out.clone()));
     }
     let loaded = crate::io::load_model(&args.model)?;
-    let cfg = loaded.config.resolve()?;
-    let base = Llama::load(&cfg, &loaded.weights)?;
-    let primary = load_deltas(&cfg, &loaded.weights, &source)?;
+    let base = crate::models::load(&loaded, &crate::models::HeadSpec::Base)?;
+    let primary = load_deltas(&loaded, &source)?;
     let second = compare
         .as_ref()
-        .map(|c| load_deltas(&cfg, &loaded.weights, c))
+        .map(|c| load_deltas(&loaded, c))
         .transpose()?;
     drop(loaded);
 
@@ -136,7 +134,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
     let cache = SvdCache::new(default_cache_dir());
     let (analysis, spectra) = analyze(
         &args.model,
-        &base,
+        base.as_ref(),
         &primary,
         second.as_ref(),
         args.s,

@@ -6,7 +6,7 @@ use crate::cli::TrainArgs;
 use crate::error::{Error, Result};
 use crate::io;
 use crate::models::generate::generate_greedy;
-use crate::models::Llama;
+use crate::models::{HeadSpec, Model};
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.resolve()?;
@@ -40,12 +40,22 @@ pub fn convert(model: &str, out: &Path, overwrite: bool) -> Result<()> {
 }
 
 /// Loads a model and, when given, attaches an adapter (PEFT directory or run directory).
-pub fn load_with_adapter(model: &str, adapter: Option<&Path>) -> Result<(io::LoadedModel, Llama)> {
+/// `head` is the task head the caller needs; None takes the adapter's (a trained classifier
+/// of a SEQ_CLS adapter) or the base's own.
+pub fn load_with_adapter(
+    model: &str,
+    adapter: Option<&Path>,
+    head: Option<HeadSpec>,
+) -> Result<(io::LoadedModel, Box<dyn Model>)> {
     let loaded = io::load_model(model)?;
-    let cfg = loaded.config.resolve()?;
-    let mut m = Llama::load(&cfg, &loaded.weights)?;
+    let head = match (head, adapter) {
+        (Some(h), _) => h,
+        (None, Some(dir)) => io::dash::head_spec_of(dir)?,
+        (None, None) => HeadSpec::Base,
+    };
+    let mut m = crate::models::load(&loaded, &head)?;
     if let Some(dir) = adapter {
-        io::dash::load_any(&mut m, dir)?;
+        io::dash::load_any(m.as_mut(), dir)?;
     }
     Ok((loaded, m))
 }
@@ -54,9 +64,15 @@ pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result
     if out.exists() && !overwrite {
         return Err(Error::OutputExists(out.to_path_buf()));
     }
-    let (loaded, m) = load_with_adapter(model, Some(adapter))?;
+    let (loaded, m) = load_with_adapter(model, Some(adapter), None)?;
     let merged = m.base_weights(true)?;
-    io::hf::write_hf_dir(&loaded, &merged, out, overwrite)?;
+    io::hf::write_hf_dir_with_config(
+        &loaded,
+        &m.hf_config(&loaded.config_json)?,
+        &merged,
+        out,
+        overwrite,
+    )?;
     println!("wrote merged model to {}", out.display());
     Ok(())
 }
@@ -71,7 +87,10 @@ pub fn generate(
     if prompts.is_empty() {
         return Err(Error::config("prompt", "give at least one --prompt"));
     }
-    let (loaded, m) = load_with_adapter(model, adapter)?;
+    let (loaded, m) = load_with_adapter(model, adapter, Some(HeadSpec::CausalLm))?;
+    let m = m.as_causal_lm().ok_or_else(|| {
+        Error::config("model", format!("`{}` is not a causal LM; generate needs a decoder", m.arch()))
+    })?;
     let tok = loaded
         .tokenizer
         .as_ref()
@@ -87,9 +106,9 @@ pub fn generate(
         })
         .collect();
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect::<Result<_>>()?;
-    let mut eos = m.cfg.eos_token_ids.clone();
+    let mut eos = m.eos_token_ids().to_vec();
     eos.extend(tok.eos_id);
-    let outs = generate_greedy(&m, &ids, tok.pad_or_eos(), max_new_tokens, &eos)?;
+    let outs = generate_greedy(m, &ids, tok.pad_or_eos(), max_new_tokens, &eos)?;
     for (t, o) in texts.iter().zip(outs) {
         println!("{}{}", t, tok.decode(&o)?);
         println!("---");

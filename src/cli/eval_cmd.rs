@@ -1,5 +1,6 @@
 //! `lora-dash eval`: accuracy of a model (base, base + adapter, or merged) on commonsense test
-//! files, in the authors' generate protocol or by candidate likelihood (see `crate::eval`).
+//! files, in the authors' generate protocol or by candidate likelihood (see `crate::eval`),
+//! or GLUE metrics of a sequence classifier on a task's dev files (`--task`).
 
 use std::path::PathBuf;
 
@@ -20,9 +21,17 @@ pub struct EvalArgs {
     /// PEFT LoRA adapter, native LoRA-Dash adapter or lora-dash run directory.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Test files in LLM-Adapters format; the task is recognised from the answers.
+    /// Test files in LLM-Adapters format (the task is recognised from the answers), or with
+    /// --task the GLUE task's TSV files (e.g. MNLI's dev_matched.tsv and dev_mismatched.tsv).
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte): report its metrics.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// GLUE: maximum tokens per example (default: the run's `cutoff_len` when --adapter is a
+    /// lora-dash run directory, else 256).
+    #[arg(long)]
+    pub cutoff_len: Option<usize>,
     /// Evaluate only the first N records of each file.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -43,6 +52,9 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
+    if let Some(task) = args.task.as_deref() {
+        return eval_glue(&args, task);
+    }
     let opts = EvalOptions {
         mode: args.mode,
         num_beams: args.num_beams,
@@ -77,7 +89,20 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .map(|o| StagedDir::new(o, args.overwrite))
         .transpose()?;
 
-    let (loaded, model) = load_with_adapter(&args.model, args.adapter.as_deref())?;
+    let (loaded, model) = load_with_adapter(
+        &args.model,
+        args.adapter.as_deref(),
+        Some(crate::models::HeadSpec::CausalLm),
+    )?;
+    let model = model.as_causal_lm().ok_or_else(|| {
+        Error::config(
+            "task",
+            format!(
+                "`{}` is not a causal LM: commonsense evaluation needs a decoder (pass --task for GLUE)",
+                model.arch()
+            ),
+        )
+    })?;
     let tok = loaded
         .tokenizer
         .as_ref()
@@ -92,7 +117,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{} ({})", task.name, opts.mode.name()));
-        let r = eval::evaluate(&model, tok, task, recs, &opts, &mut |n| bar.inc(n as u64))?;
+        let r = eval::evaluate(model, tok, task, recs, &opts, &mut |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
         reports.push(r);
     }
@@ -107,4 +132,168 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         println!("wrote {}", dir.display());
     }
     Ok(())
+}
+
+/// The cutoff a lora-dash run directory was trained with (its `run_config.json`).
+fn run_cutoff(adapter: Option<&std::path::Path>) -> Option<usize> {
+    let p = adapter?.join(crate::train::trainer::CONFIG_FILE);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    v.get("cutoff_len")?.as_u64().map(|x| x as usize)
+}
+
+/// The task a lora-dash run directory was trained on, when it says.
+fn run_task(adapter: Option<&std::path::Path>) -> Option<String> {
+    let p = adapter?.join(crate::train::trainer::CONFIG_FILE);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    Some(v.get("task")?.as_str().unwrap_or("instruction").to_string())
+}
+
+/// `eval --task`: GLUE metrics per data file, `results.json` and `predictions.jsonl`.
+fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
+    use crate::data::{EncodeOptions, Task as DataTask};
+    use crate::eval::glue::{evaluate_with_progress, GluePrediction};
+    let task = DataTask::parse(Some(task_name))?;
+    let DataTask::Glue(glue) = task else {
+        return Err(Error::config(
+            "task",
+            "give a GLUE task name; commonsense files need no --task",
+        ));
+    };
+    if args.limit == Some(0) {
+        return Err(Error::config("limit", "must be at least 1"));
+    }
+    if args.batch_size == 0 {
+        return Err(Error::config("batch_size", "must be at least 1"));
+    }
+    if let Some(t) = run_task(args.adapter.as_deref()) {
+        if DataTask::parse(Some(&t)).ok() != Some(task) {
+            return Err(Error::format(
+                args.adapter.clone().unwrap_or_default(),
+                format!("was trained for task `{t}`, not `{}`", glue.name()),
+            ));
+        }
+    }
+    let cutoff_len = args
+        .cutoff_len
+        .or_else(|| run_cutoff(args.adapter.as_deref()))
+        .unwrap_or(256);
+    if cutoff_len < 2 {
+        return Err(Error::config("cutoff_len", "must be at least 2"));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for p in &args.data {
+        let name = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "data".into());
+        if names.contains(&name) {
+            return Err(Error::config(
+                "data",
+                format!("two files are named `{name}`; results are keyed by file name"),
+            ));
+        }
+        names.push(name);
+    }
+    let staged = args
+        .out
+        .as_deref()
+        .map(|o| StagedDir::new(o, args.overwrite))
+        .transpose()?;
+    let head = task.head(None, 0);
+    let (loaded, model) =
+        load_with_adapter(&args.model, args.adapter.as_deref(), Some(head))?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| Error::format(&loaded.path, "no tokenizer found"))?;
+    let opts = EncodeOptions {
+        cutoff_len,
+        train_on_inputs: true,
+    };
+    let pad_id = tok.pad_or_eos();
+    let mut results = serde_json::Map::new();
+    let mut lines = String::new();
+    for (path, name) in args.data.iter().zip(&names) {
+        let mut indexed = task.load_indexed(tok, std::slice::from_ref(path), opts)?;
+        if let Some(n) = args.limit {
+            indexed.truncate(n);
+        }
+        let (rows, exs): (Vec<usize>, Vec<_>) = indexed.into_iter().unzip();
+        let bar = ProgressBar::new(exs.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .map_err(|e| Error::msg(format!("progress bar template: {e}")))?
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{} {name}", glue.name()));
+        let start = std::time::Instant::now();
+        let r = evaluate_with_progress(
+            model.as_ref(),
+            glue,
+            &exs,
+            args.batch_size,
+            pad_id,
+            &mut |n| bar.inc(n as u64),
+        )?;
+        bar.finish_and_clear();
+        let secs = start.elapsed().as_secs_f64();
+        let metrics: Vec<String> = r
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        println!(
+            "{} {name}: {} ({} examples, {:.1} ex/s)",
+            glue.name(),
+            metrics.join(", "),
+            exs.len(),
+            exs.len() as f64 / secs.max(1e-9)
+        );
+        let mut m = serde_json::Map::new();
+        for (k, v) in &r.metrics {
+            m.insert(k.clone(), serde_json::json!(v));
+        }
+        m.insert("examples".into(), serde_json::json!(exs.len()));
+        m.insert("file".into(), serde_json::json!(path.display().to_string()));
+        results.insert(name.clone(), serde_json::Value::Object(m));
+        for (&i, p) in rows.iter().zip(&r.predictions) {
+            let GluePrediction {
+                label,
+                prediction,
+                scores,
+            } = p;
+            let v = serde_json::json!({
+                "file": name,
+                "index": i,
+                "label": glue_label_json(label),
+                "prediction": glue_label_json(prediction),
+                "scores": scores,
+            });
+            lines.push_str(&v.to_string());
+            lines.push('\n');
+        }
+    }
+    let results = serde_json::json!({
+        "task": glue.name(),
+        "main_metric": glue.main_metric(),
+        "files": results,
+    });
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    if let Some(s) = staged {
+        crate::io::atomic::write_file(
+            &s.join(eval::report::RESULTS_FILE),
+            serde_json::to_string_pretty(&results)?.as_bytes(),
+        )?;
+        crate::io::atomic::write_file(&s.join(eval::report::PREDICTIONS_FILE), lines.as_bytes())?;
+        let dir = s.commit()?;
+        println!("wrote {}", dir.display());
+    }
+    Ok(())
+}
+
+fn glue_label_json(l: &crate::data::glue::GlueLabel) -> serde_json::Value {
+    match l {
+        crate::data::glue::GlueLabel::Class(c) => serde_json::json!(c),
+        crate::data::glue::GlueLabel::Score(x) => serde_json::json!(x),
+    }
 }

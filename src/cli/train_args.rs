@@ -17,9 +17,20 @@ pub struct TrainArgs {
     /// Model: Hugging Face directory, .gguf file, or hub id `org/name`.
     #[arg(long)]
     pub model: Option<String>,
-    /// Training data: JSON / JSONL files of {instruction, input, output} records.
+    /// Task: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte) trained as sequence
+    /// classification / regression on its TSV files; default: instruction tuning.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Training data: JSON / JSONL files of {instruction, input, output} records, or the GLUE
+    /// task's TSV files.
     #[arg(long, num_args = 1..)]
     pub data: Option<Vec<PathBuf>>,
+    /// Validation files (same format as --data), scored every --eval-every steps.
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Option<Vec<PathBuf>>,
+    /// Dropout before a sequence classifier (default: the model config's).
+    #[arg(long)]
+    pub classifier_dropout: Option<f32>,
     /// Run directory (adapter, checkpoints, metrics).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -111,6 +122,11 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
 }
 
+/// Default `--target-modules` of instruction tuning (LLaMA-family module names).
+pub const DECODER_TARGETS: &str = "q_proj,k_proj,v_proj,up_proj,down_proj";
+/// Default `--target-modules` of GLUE tasks (BERT-family module names).
+pub const ENCODER_TARGETS: &str = "query,key,value";
+
 macro_rules! merge_fields {
     ($a:ident, $b:ident, $($f:ident),*) => { $( if $a.$f.is_none() { $a.$f = $b.$f.clone(); } )* };
 }
@@ -140,7 +156,10 @@ impl TrainArgs {
                 self,
                 file,
                 model,
+                task,
                 data,
+                eval_data,
+                classifier_dropout,
                 out,
                 method,
                 dash_t,
@@ -230,19 +249,23 @@ impl TrainArgs {
             alpha: a.alpha.unwrap_or(16.0),
             dropout: a.dropout.unwrap_or(0.05),
             use_rslora: a.use_rslora.unwrap_or(false),
-            target_modules: TargetModules::parse(
-                a.target_modules
-                    .as_deref()
-                    .unwrap_or("q_proj,k_proj,v_proj,up_proj,down_proj"),
-            )?,
+            target_modules: TargetModules::parse(a.target_modules.as_deref().unwrap_or(
+                match crate::data::Task::parse(a.task.as_deref())? {
+                    crate::data::Task::Instruction => DECODER_TARGETS,
+                    crate::data::Task::Glue(_) => ENCODER_TARGETS,
+                },
+            ))?,
         };
         let cfg = TrainConfig {
             model: a
                 .model
                 .ok_or_else(|| Error::config("model", "is required (--model)"))?,
+            task: a.task,
             data: a
                 .data
                 .ok_or_else(|| Error::config("data", "is required (--data)"))?,
+            eval_data: a.eval_data.unwrap_or_default(),
+            classifier_dropout: a.classifier_dropout,
             out: a
                 .out
                 .ok_or_else(|| Error::config("out", "is required (--out)"))?,

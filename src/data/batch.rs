@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::tokenize::{Example, IGNORE_INDEX};
+use crate::data::tokenize::{Example, Target, IGNORE_INDEX};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -17,7 +17,10 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// (b, t) f32: 1 for real tokens, 0 for padding.
     pub attention_mask: Tensor,
-    /// (b, t) i64, shifted: `labels[:, i] = original[:, i + 1]`, last position and padding -100.
+    /// (b, t) u32 segment ids (0 on padding), for models that take them.
+    pub token_type_ids: Option<Tensor>,
+    /// Causal LM: (b, t) i64, shifted: `labels[:, i] = original[:, i + 1]`, last position and
+    /// padding -100. Classification: (b,) i64 class ids. Regression: (b,) f32 scores.
     pub labels: Tensor,
     /// Non-padding tokens in the batch.
     pub n_tokens: usize,
@@ -38,6 +41,10 @@ impl Batch {
         Ok(Batch {
             input_ids: self.input_ids.to_device(dev)?,
             attention_mask: self.attention_mask.to_device(dev)?,
+            token_type_ids: match &self.token_type_ids {
+                Some(t) => Some(t.to_device(dev)?),
+                None => None,
+            },
             labels: self.labels.to_device(dev)?,
             n_tokens: self.n_tokens,
             n_target_tokens: self.n_target_tokens,
@@ -45,13 +52,18 @@ impl Batch {
     }
 }
 
-/// Right-pads `examples` to the longest one (ids with `pad_id`, labels with -100) and shifts
-/// the labels by one position. Tensors are on the CPU.
+/// Right-pads `examples` to the longest one (ids with `pad_id`). Causal-LM examples get
+/// their labels padded with -100 and shifted by one position; sequence examples (with a
+/// [`Target`]) get one label each and their segment ids. Tensors are on the host; move
+/// them with [`Batch::to_device`].
 pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
     let b = examples.len();
     let t = examples.iter().map(|e| e.len()).max().unwrap_or(0);
     if b == 0 || t == 0 {
         return Err(Error::msg("cannot build a batch from no tokens"));
+    }
+    if examples.iter().any(|e| e.target.is_some()) {
+        return collate_sequences(examples, pad_id, t);
     }
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0f32; b * t];
@@ -80,9 +92,56 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, t), &dev)?,
         attention_mask: Tensor::from_vec(mask, (b, t), &dev)?,
+        token_type_ids: None,
         labels: Tensor::from_vec(labels, (b, t), &dev)?,
         n_tokens,
         n_target_tokens,
+    })
+}
+
+/// Sequence classification / regression batch of width `t`.
+fn collate_sequences(examples: &[&Example], pad_id: u32, t: usize) -> Result<Batch> {
+    let b = examples.len();
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0f32; b * t];
+    let mut types = vec![0u32; b * t];
+    let mut classes = Vec::with_capacity(b);
+    let mut scores = Vec::with_capacity(b);
+    let mut n_tokens = 0;
+    for (r, ex) in examples.iter().enumerate() {
+        let n = ex.len();
+        let row = r * t;
+        ids[row..row + n].copy_from_slice(&ex.input_ids);
+        mask[row..row + n].fill(1.0);
+        if !ex.token_type_ids.is_empty() {
+            if ex.token_type_ids.len() != n {
+                return Err(Error::msg(format!(
+                    "example {r} has {n} ids but {} token type ids",
+                    ex.token_type_ids.len()
+                )));
+            }
+            types[row..row + n].copy_from_slice(&ex.token_type_ids);
+        }
+        match ex.target {
+            Some(Target::Class(c)) => classes.push(c as i64),
+            Some(Target::Score(x)) => scores.push(x),
+            None => return Err(Error::msg(format!("example {r} has no label"))),
+        }
+        n_tokens += n;
+    }
+    let dev = Device::Cpu;
+    let labels = match (classes.len(), scores.len()) {
+        (_, 0) => Tensor::from_vec(classes, b, &dev)?,
+        (0, _) => Tensor::from_vec(scores, b, &dev)?,
+        _ => return Err(Error::msg("a batch mixes class labels and scores")),
+    };
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &dev)?,
+        attention_mask: Tensor::from_vec(mask, (b, t), &dev)?,
+        token_type_ids: Some(Tensor::from_vec(types, (b, t), &dev)?),
+        labels,
+        n_tokens,
+        n_target_tokens: b,
     })
 }
 
@@ -241,10 +300,7 @@ mod tests {
     use super::*;
 
     fn ex(ids: &[u32], labels: &[i64]) -> Example {
-        Example {
-            input_ids: ids.to_vec(),
-            labels: labels.to_vec(),
-        }
+        Example::lm(ids.to_vec(), labels.to_vec())
     }
 
     #[test]

@@ -3,8 +3,11 @@
 
 pub mod alpaca;
 pub mod batch;
+pub mod glue;
+pub mod task;
 pub mod tokenize;
 
 pub use alpaca::{eval_prompt, generate_prompt, load_records, Record};
 pub use batch::{collate, split_train_val, Batch, Loader, LoaderState};
-pub use tokenize::{tokenize_record, Example};
+pub use task::{EncodeOptions, Task};
+pub use tokenize::{tokenize_record, Example, Target};

@@ -11,14 +11,36 @@ use crate::io::TextTokenizer;
 /// Label value ignored by the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// A tokenised example; `labels` is aligned with `input_ids` (not yet shifted).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A tokenised example. Causal LM: `labels` is aligned with `input_ids` (not yet shifted)
+/// and `target` is None. Sequence classification / regression: `labels` is empty,
+/// `token_type_ids` holds the segment ids and `target` the label.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub input_ids: Vec<u32>,
     pub labels: Vec<i64>,
+    /// Segment ids (empty when the model takes none).
+    pub token_type_ids: Vec<u32>,
+    pub target: Option<Target>,
+}
+
+/// The label of a whole sequence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    Class(usize),
+    Score(f32),
 }
 
 impl Example {
+    /// A causal-LM example.
+    pub fn lm(input_ids: Vec<u32>, labels: Vec<i64>) -> Self {
+        Example {
+            input_ids,
+            labels,
+            token_type_ids: Vec::new(),
+            target: None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.input_ids.len()
     }
@@ -65,6 +87,8 @@ pub fn tokenize_record(
         labels[..masked].fill(IGNORE_INDEX);
     }
     Ok(Example {
+        token_type_ids: Vec::new(),
+        target: None,
         input_ids: ids,
         labels,
     })

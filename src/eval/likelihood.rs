@@ -8,12 +8,12 @@
 //! the context is run once per prompt and its KV cache copied to each candidate's row.
 //! No end-of-sequence token is appended to the continuation.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::TextTokenizer;
 use crate::models::beam::{left_pad, log_softmax_row};
-use crate::models::{Ctx, KvCache, Llama};
+use crate::models::{CausalLm, Ctx, KvCache};
 
 /// One prompt's shared context and the tokens of each candidate continuation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,11 +61,11 @@ fn gather_sum(rows: &[Vec<f32>], targets: &[u32]) -> f64 {
 
 /// Scores of every candidate of every item, batched: one prefill of the left-padded contexts,
 /// one forward of all right-padded continuations on copies of the context cache.
-pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<Vec<Vec<f64>>> {
+pub fn score_batch(model: &dyn CausalLm, items: &[Candidates], pad_id: u32) -> Result<Vec<Vec<f64>>> {
     if items.is_empty() {
         return Ok(vec![]);
     }
-    let v = model.cfg.vocab_size;
+    let v = model.vocab_size();
     for it in items {
         if it.continuations.iter().any(|c| c.is_empty()) {
             return Err(Error::msg("empty candidate continuation"));
@@ -81,7 +81,7 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
             )));
         }
     }
-    let dev = Device::Cpu;
+    let dev = model.device().clone();
     let ctx = Ctx::eval();
     let b = items.len();
     let contexts: Vec<Vec<u32>> = items.iter().map(|it| it.context.clone()).collect();
@@ -172,9 +172,9 @@ pub fn score_batch(model: &Llama, items: &[Candidates], pad_id: u32) -> Result<V
 
 /// Reference scores of one item: each candidate run alone, context and continuation in one
 /// forward without cache or padding. Slow; for checking [`score_batch`].
-pub fn score_naive(model: &Llama, item: &Candidates) -> Result<Vec<f64>> {
+pub fn score_naive(model: &dyn CausalLm, item: &Candidates) -> Result<Vec<f64>> {
     let ctx = Ctx::eval();
-    let v = model.cfg.vocab_size;
+    let v = model.vocab_size();
     let n_ctx = item.context.len();
     if n_ctx == 0 {
         return Err(Error::msg("cannot score a continuation without context"));
@@ -185,7 +185,7 @@ pub fn score_naive(model: &Llama, item: &Candidates) -> Result<Vec<f64>> {
             let ids: Vec<u32> = item.context.iter().chain(c).copied().collect();
             let n = ids.len();
             let logits =
-                model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, &ctx)?; // (1, n, v)
+                model.forward(&Tensor::from_vec(ids, (1, n), model.device())?, None, &ctx)?; // (1, n, v)
             let flat: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let rows: Vec<Vec<f32>> = (n_ctx - 1..n - 1)
                 .map(|p| log_softmax_row(&flat[p * v..(p + 1) * v]))

@@ -14,6 +14,8 @@
 //!   those the record's instruction lists after `Answer format:`, else the task's vocabulary
 //!   (`answer1..answerN` with N the largest seen in the file).
 
+pub mod glue;
+pub mod glue_metrics;
 pub mod likelihood;
 pub mod report;
 pub mod task;
@@ -28,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::io::TextTokenizer;
 use crate::models::beam::generate_beam;
 use crate::models::generate::generate_greedy;
-use crate::models::Llama;
+use crate::models::CausalLm;
 
 pub use report::{results_json, TaskReport};
 pub use task::{continuation, detect_task, response_text, task_name, Family, Task};
@@ -111,7 +113,7 @@ pub struct Prediction {
 /// Evaluates `records` (all labelled, as [`detect_task`] checks) and calls `progress` with
 /// the number of records finished after each batch.
 pub fn evaluate(
-    model: &Llama,
+    model: &dyn CausalLm,
     tok: &TextTokenizer,
     task: &Task,
     records: &[Record],
@@ -131,7 +133,7 @@ pub fn evaluate(
                 .iter()
                 .map(|p| tok.encode(p))
                 .collect::<Result<_>>()?;
-            let mut eos = model.cfg.eos_token_ids.clone();
+            let mut eos = model.eos_token_ids().to_vec();
             eos.extend(tok.eos_id);
             // Longest first: similar lengths share a batch, so little padding is computed.
             let order = by_length_desc(&ids);

@@ -16,9 +16,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::{Adapter, DashLayer, LoraConfig, LoraLayer, TargetModules};
 use crate::error::{Error, IoContext, Result};
-use crate::io::peft::{key, PeftConfig, CONFIG_FILE as PEFT_CONFIG, WEIGHTS_FILE as PEFT_WEIGHTS};
+use crate::io::peft::{
+    check_task_type, insert_heads, key, peft_config_for, take_heads, CONFIG_FILE as PEFT_CONFIG,
+    WEIGHTS_FILE as PEFT_WEIGHTS,
+};
 use crate::io::{atomic, Weights};
-use crate::models::Llama;
+use crate::models::Model;
 use crate::tsd::svd::weight_hash;
 
 pub const CONFIG_FILE: &str = "dash_config.json";
@@ -44,6 +47,12 @@ pub struct DashAdapterConfig {
     pub s: usize,
     pub freeze_ab: bool,
     pub layers: BTreeMap<String, DashLayerInfo>,
+    /// PEFT task type of the run (`CAUSAL_LM`, or `SEQ_CLS` with trained heads).
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// Trained heads saved beside the adapters (PEFT's `modules_to_save` keys).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
 }
 
 impl DashAdapterConfig {
@@ -60,7 +69,7 @@ impl DashAdapterConfig {
 
 /// Writes the native Dash adapter of `model` into `dir`.
 pub fn save_native(
-    model: &Llama,
+    model: &dyn Model,
     lora: &LoraConfig,
     t: usize,
     s: usize,
@@ -89,7 +98,11 @@ pub fn save_native(
     if layers.is_empty() {
         return Err(Error::msg("the model has no Dash adapter to save"));
     }
+    insert_heads(model, &mut w);
+    let peft = peft_config_for(model, lora, None);
     let cfg = DashAdapterConfig {
+        task_type: peft.task_type,
+        modules_to_save: peft.modules_to_save.unwrap_or_default(),
         method: "lora-dash".into(),
         base_model_name_or_path: base,
         r: lora.r,
@@ -110,12 +123,14 @@ pub fn save_native(
 }
 
 /// Attaches the native Dash adapter in `dir`; every base weight must hash as recorded.
-pub fn load_native(model: &mut Llama, dir: &Path) -> Result<DashAdapterConfig> {
+pub fn load_native(model: &mut dyn Model, dir: &Path) -> Result<DashAdapterConfig> {
     let cpath = dir.join(CONFIG_FILE);
     let cfg: DashAdapterConfig = serde_json::from_str(&std::fs::read_to_string(&cpath).at(&cpath)?)
         .map_err(|e| Error::format(&cpath, format!("invalid Dash adapter config: {e}")))?;
+    check_task_type(model, cfg.task_type.as_deref(), &cpath)?;
     let wpath = dir.join(WEIGHTS_FILE);
     let mut w = Weights::load_safetensors(&wpath)?;
+    take_heads(model, &mut w, &wpath)?;
     let scale = cfg.lora_config().scale();
     let mut attached = 0;
     for l in model.linears_mut() {
@@ -165,7 +180,7 @@ pub fn load_native(model: &mut Llama, dir: &Path) -> Result<DashAdapterConfig> {
 
 /// Writes the rank-(r+s) PEFT export of every Dash layer into `dir`.
 pub fn save_peft_export(
-    model: &Llama,
+    model: &dyn Model,
     lora: &LoraConfig,
     s: usize,
     base: Option<String>,
@@ -182,6 +197,7 @@ pub fn save_peft_export(
     if w.is_empty() {
         return Err(Error::msg("the model has no Dash adapter to export"));
     }
+    insert_heads(model, &mut w);
     let r2 = lora.r + s;
     let export = LoraConfig {
         r: r2,
@@ -192,13 +208,13 @@ pub fn save_peft_export(
     };
     let meta = [("format".to_string(), "pt".to_string())].into();
     w.save_safetensors(&dir.join(PEFT_WEIGHTS), Some(meta))?;
-    let json = serde_json::to_string_pretty(&PeftConfig::from_lora(&export, base))?;
+    let json = serde_json::to_string_pretty(&peft_config_for(model, &export, base))?;
     atomic::write_file(&dir.join(PEFT_CONFIG), json.as_bytes())
 }
 
 /// Attaches whatever adapter `dir` holds: a native Dash adapter, a PEFT LoRA adapter, or a
 /// lora-dash run directory (its Dash adapter or LoRA adapter).
-pub fn load_any(model: &mut Llama, dir: &Path) -> Result<String> {
+pub fn load_any(model: &mut dyn Model, dir: &Path) -> Result<String> {
     if dir.join(CONFIG_FILE).exists() {
         load_native(model, dir)?;
         return Ok("lora-dash".into());
@@ -217,4 +233,46 @@ pub fn load_any(model: &mut Llama, dir: &Path) -> Result<String> {
         dir,
         format!("holds no adapter ({PEFT_CONFIG} or {CONFIG_FILE})"),
     ))
+}
+
+/// The head a model needs to take the adapter in `dir`: a sequence head with the number
+/// of labels its trained classifier has (SEQ_CLS adapters), else none beyond the base's.
+pub fn head_spec_of(dir: &Path) -> Result<crate::models::HeadSpec> {
+    use crate::models::HeadSpec;
+    let (task_type, wpath) = if dir.join(CONFIG_FILE).exists() {
+        let cpath = dir.join(CONFIG_FILE);
+        let cfg: DashAdapterConfig =
+            serde_json::from_str(&std::fs::read_to_string(&cpath).at(&cpath)?)
+                .map_err(|e| Error::format(&cpath, format!("invalid Dash adapter config: {e}")))?;
+        (cfg.task_type, dir.join(WEIGHTS_FILE))
+    } else if dir.join(PEFT_CONFIG).exists() {
+        (
+            crate::io::peft::PeftConfig::read(dir)?.task_type,
+            dir.join(PEFT_WEIGHTS),
+        )
+    } else {
+        return Ok(HeadSpec::Base);
+    };
+    if task_type.as_deref() != Some(crate::io::peft::SEQ_CLS) {
+        return Ok(HeadSpec::Base);
+    }
+    let w = Weights::load_safetensors(&wpath)?;
+    let k = key("classifier", "weight");
+    let num_labels = w
+        .get(&k)
+        .map_err(|_| {
+            Error::format(
+                &wpath,
+                format!("is a SEQ_CLS adapter without a trained classifier (`{k}`)"),
+            )
+        })?
+        .dims()
+        .first()
+        .copied()
+        .unwrap_or(0);
+    Ok(HeadSpec::Sequence {
+        num_labels,
+        classifier_dropout: None,
+        seed: 0,
+    })
 }

@@ -440,6 +440,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
     };
     let weights = hf_weights(&g, &config)?;
     Ok(LoadedModel {
+        config_json: serde_json::to_value(&config)?,
         config,
         weights,
         tokenizer,

@@ -235,6 +235,8 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).at(&config_path)?;
     let config = HfConfig::from_json_str(&text, &config_path)?;
+    let config_json: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&config_path, format!("invalid config.json: {e}")))?;
     let mut weights = Weights::new(Some(dir.to_path_buf()));
     let single = dir.join("model.safetensors");
     let index = dir.join(INDEX_FILE);
@@ -260,6 +262,7 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     let tokenizer = load_tokenizer_dir(dir, &config)?;
     Ok(LoadedModel {
         config,
+        config_json,
         weights,
         tokenizer,
         path: dir.to_path_buf(),
@@ -379,7 +382,6 @@ pub fn write_hf_dir(
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let stage = StagedDir::new(out, overwrite)?;
     let mut config = model.config.clone();
     config.architectures = Some(vec!["LlamaForCausalLM".into()]);
     config.model_type = Some("llama".into());
@@ -390,12 +392,27 @@ pub fn write_hf_dir(
         // Unset optional fields are left out rather than written as null.
         m.retain(|_, v| !v.is_null());
     }
+    write_hf_dir_with_config(model, &cv, weights, out, overwrite)
+}
+
+/// [`write_hf_dir`] with the `config.json` given (any architecture). `lm_head.weight` is left
+/// out when the config ties the embeddings.
+pub fn write_hf_dir_with_config(
+    model: &LoadedModel,
+    cv: &Value,
+    weights: &Weights,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    let stage = StagedDir::new(out, overwrite)?;
     write_file(
         &stage.join("config.json"),
-        serde_json::to_string_pretty(&cv)?.as_bytes(),
+        serde_json::to_string_pretty(cv)?.as_bytes(),
     )?;
-
-    let tied = config.tie_word_embeddings;
+    let tied = cv
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mut tensors = Vec::with_capacity(weights.len());
     for (name, t) in weights.iter() {
         if tied && name == "lm_head.weight" {
@@ -430,7 +447,7 @@ pub fn write_hf_dir(
             "bos_token": name(tok.bos_id),
             "eos_token": name(tok.eos_id),
             "pad_token": name(tok.pad_id),
-            "model_max_length": config.max_position_embeddings,
+            "model_max_length": cv.get("max_position_embeddings").cloned().unwrap_or(json!(2048)),
             "clean_up_tokenization_spaces": false,
         });
         write_file(

@@ -28,6 +28,8 @@ pub enum SourceKind {
 /// layout, and the tokenizer when one was found.
 pub struct LoadedModel {
     pub config: HfConfig,
+    /// `config.json` as read, for architectures with keys `HfConfig` does not model.
+    pub config_json: serde_json::Value,
     pub weights: Weights,
     pub tokenizer: Option<TextTokenizer>,
     /// The resolved directory or file.

@@ -11,11 +11,15 @@ use crate::adapters::{lora_scale, Adapter, LoraConfig, LoraLayer, TargetModules}
 use crate::error::{Error, IoContext, Result};
 use crate::io::atomic;
 use crate::io::Weights;
-use crate::models::Llama;
+use crate::models::{Model, Objective};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
+/// PEFT `task_type` of causal-LM adapters.
+pub const CAUSAL_LM: &str = "CAUSAL_LM";
+/// PEFT `task_type` of sequence-classification adapters (heads in `modules_to_save`).
+pub const SEQ_CLS: &str = "SEQ_CLS";
 
 /// `adapter_config.json`, read leniently; written with the keys PEFT 0.13 writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,7 +76,7 @@ impl PeftConfig {
     pub fn from_lora(cfg: &LoraConfig, base: Option<String>) -> Self {
         PeftConfig {
             peft_type: lora_type(),
-            task_type: Some("CAUSAL_LM".into()),
+            task_type: Some(CAUSAL_LM.into()),
             base_model_name_or_path: base,
             r: cfg.r,
             lora_alpha: cfg.alpha,
@@ -119,9 +123,6 @@ impl PeftConfig {
                 format!("bias = `{}` is not supported", c.bias),
             ));
         }
-        if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(Error::format(&path, "modules_to_save is not supported"));
-        }
         Ok(c)
     }
 
@@ -161,8 +162,83 @@ pub fn key(path: &str, tensor: &str) -> String {
     format!("{PREFIX}{path}.{tensor}")
 }
 
-/// Writes the model's LoRA adapters into `dir` (which must exist) in PEFT's format.
-pub fn save_lora(model: &Llama, cfg: &LoraConfig, base: Option<String>, dir: &Path) -> Result<()> {
+/// The PEFT config of `model`'s adapters: `task_type` from the model's objective, trained
+/// heads in `modules_to_save`.
+pub fn peft_config_for(model: &dyn Model, cfg: &LoraConfig, base: Option<String>) -> PeftConfig {
+    let mut c = PeftConfig::from_lora(cfg, base);
+    if model.objective() != Objective::CausalLm {
+        c.task_type = Some(SEQ_CLS.into());
+        c.modules_to_save = Some(model.modules_to_save());
+    }
+    c
+}
+
+/// Adds the trained heads of `model` to `w` under PEFT's `modules_to_save` keys
+/// (`base_model.model.<module path>.weight`).
+pub fn insert_heads(model: &dyn Model, w: &mut Weights) {
+    for h in model.heads() {
+        w.insert(key(&h.path, "weight"), h.weight.as_tensor().clone());
+        w.insert(key(&h.path, "bias"), h.bias.as_tensor().clone());
+    }
+}
+
+/// Loads the trained heads of `model` from `w` (removing their tensors), checking shapes:
+/// an adapter trained for another number of labels fails here, naming the tensor.
+pub fn take_heads(model: &dyn Model, w: &mut Weights, from: &Path) -> Result<()> {
+    for h in model.heads() {
+        let (kw, kb) = (key(&h.path, "weight"), key(&h.path, "bias"));
+        let (Some(weight), Some(bias)) = (w.remove(&kw), w.remove(&kb)) else {
+            return Err(Error::format(
+                from,
+                format!(
+                    "has no trained `{}` head ({kw}); the model needs one for its task (adapter trained for a causal LM or another task?)",
+                    h.path
+                ),
+            ));
+        };
+        for (k, t, want) in [
+            (&kw, &weight, vec![h.out_dim(), h.in_dim()]),
+            (&kb, &bias, vec![h.out_dim()]),
+        ] {
+            if t.dims() != want.as_slice() {
+                return Err(Error::format(
+                    from,
+                    format!(
+                        "tensor `{k}` has shape {:?}, the model expects {want:?} (adapter trained for another task or number of labels?)",
+                        t.dims()
+                    ),
+                ));
+            }
+        }
+        h.set(&weight, &bias)?;
+    }
+    Ok(())
+}
+
+/// Refuses an adapter whose `task_type` does not fit the model.
+pub fn check_task_type(model: &dyn Model, task_type: Option<&str>, from: &Path) -> Result<()> {
+    let is_cls = model.objective() != Objective::CausalLm;
+    match task_type {
+        Some(SEQ_CLS) if !is_cls => Err(Error::format(
+            from,
+            "is a sequence-classification adapter (task_type SEQ_CLS); the model is a causal LM",
+        )),
+        Some(CAUSAL_LM) if is_cls => Err(Error::format(
+            from,
+            "is a causal-LM adapter (task_type CAUSAL_LM); the model is a sequence classifier",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the model's LoRA adapters (and trained heads) into `dir` (which must exist) in
+/// PEFT's format.
+pub fn save_lora(
+    model: &dyn Model,
+    cfg: &LoraConfig,
+    base: Option<String>,
+    dir: &Path,
+) -> Result<()> {
     let mut w = Weights::new(None);
     for l in model.linears() {
         if let Some(lora) = l.adapter.as_ref().and_then(Adapter::as_lora) {
@@ -173,16 +249,18 @@ pub fn save_lora(model: &Llama, cfg: &LoraConfig, base: Option<String>, dir: &Pa
     if w.is_empty() {
         return Err(Error::msg("the model has no LoRA adapter to save"));
     }
+    insert_heads(model, &mut w);
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     w.save_safetensors(&dir.join(WEIGHTS_FILE), Some(meta))?;
-    let json = serde_json::to_string_pretty(&PeftConfig::from_lora(cfg, base))?;
+    let json = serde_json::to_string_pretty(&peft_config_for(model, cfg, base))?;
     atomic::write_file(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
 /// Attaches the PEFT LoRA adapter in `dir` to `model`. Every tensor in the file must land
 /// on a linear layer of the model with matching shapes.
-pub fn load_lora(model: &mut Llama, dir: &Path) -> Result<PeftConfig> {
+pub fn load_lora(model: &mut dyn Model, dir: &Path) -> Result<PeftConfig> {
     let cfg = PeftConfig::read(dir)?;
+    check_task_type(model, cfg.task_type.as_deref(), &dir.join(CONFIG_FILE))?;
     let wpath = dir.join(WEIGHTS_FILE);
     if !wpath.exists() {
         if dir.join("adapter_model.bin").exists() {
@@ -194,6 +272,7 @@ pub fn load_lora(model: &mut Llama, dir: &Path) -> Result<PeftConfig> {
         ));
     }
     let mut w = Weights::load_safetensors(&wpath)?;
+    take_heads(model, &mut w, &wpath)?;
     let mut attached = 0;
     for l in model.linears_mut() {
         let ka = key(&l.path, "lora_A.weight");

@@ -20,10 +20,10 @@
 //! * decoding stops when every prompt is done or after `max_new_tokens` tokens; open beams are
 //!   then added as hypotheses (score divided by their length), and the best one is returned.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::{Ctx, KvCache, Llama};
+use crate::models::{CausalLm, Ctx, KvCache};
 
 /// Left-padded batch: ids and mask (b, t) row-major, RoPE positions counting from each row's
 /// first real token, and each row's prompt length.
@@ -137,7 +137,7 @@ fn top_k(scores: impl Iterator<Item = f32>, keep: usize) -> Vec<(f32, usize)> {
 
 /// Beam-search continuations of each prompt (without the prompt, without EOS).
 pub fn generate_beam(
-    model: &Llama,
+    model: &dyn CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     max_new_tokens: usize,
@@ -151,7 +151,7 @@ pub fn generate_beam(
     if num_beams == 0 {
         return Err(Error::config("num_beams", "must be at least 1"));
     }
-    let dev = Device::Cpu;
+    let dev = model.device().clone();
     let ctx = Ctx::eval();
     let k = num_beams;
     let b = prompts.len();
@@ -175,7 +175,7 @@ pub fn generate_beam(
         .index_select(&expand, 0)?; // (rows, v)
     cache.select_rows(&expand)?;
 
-    let v = model.cfg.vocab_size;
+    let v = model.vocab_size();
     let keep = 2usize.max(1 + eos.len()) * k;
     let mut beam_scores: Vec<f32> = (0..rows)
         .map(|r| if r % k == 0 { 0.0 } else { -1e9 })

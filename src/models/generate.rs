@@ -1,14 +1,14 @@
 //! Batched greedy decoding with a KV cache. Prompts are left-padded, positions follow the
 //! attention mask (as transformers' `generate`), so every row decodes as if alone.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::{Ctx, KvCache, Llama};
+use crate::models::{CausalLm, Ctx, KvCache};
 
 /// Generated token ids per prompt (without the prompt, stopping before any of `eos`).
 pub fn generate_greedy(
-    model: &Llama,
+    model: &dyn CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     max_new_tokens: usize,
@@ -20,7 +20,7 @@ pub fn generate_greedy(
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(Error::msg("cannot generate from an empty prompt"));
     }
-    let dev = Device::Cpu;
+    let dev = model.device().clone();
     let b = prompts.len();
     let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * t);

@@ -1,4 +1,5 @@
 //! A frozen linear layer with an optional adapter: y = x·Wᵀ (+ b) + adapter(x).
+//! The frozen bias, when there is one, is added after the fused product.
 //! The base weight never gets a gradient (see `ops::frozen_linear`). A LoRA adapter (or
 //! the LoRA part of LoRA-Dash) on a bias-free layer runs fused with the base product in
 //! `ops::lora_linear`, which keeps one output buffer instead of five per layer.
@@ -42,10 +43,14 @@ impl Linear {
         let in_dim = *dims.last().expect("linear input has rank >= 1");
         let x2 = x.reshape(((), in_dim))?; // (n, in)
         let y = match (&self.adapter, &self.bias) {
-            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_))), None)
+            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_))), bias)
                 if cpu_f32(&[&x2, &self.weight]) =>
             {
-                self.fused_lora_forward(&x2, a, ctx)?
+                let y = self.fused_lora_forward(&x2, a, ctx)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
             }
             _ => {
                 let mut y = crate::ops::frozen_linear(&x2, &self.weight)?; // (n, out)

@@ -5,15 +5,14 @@
 //! Shape letters: b batch, t new positions, s key positions (cache + new), h query heads,
 //! g key/value heads, r = h/g, d head dim, e hidden size, v vocabulary.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, D};
 
-use crate::adapters::{Adapter, FullDelta, LoraConfig, LoraLayer, TargetModules};
+use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::models::config::LlamaConfig;
-use crate::models::{Ctx, Linear};
+use crate::models::{CausalLm, Ctx, Family, Linear, Model, Objective};
 use crate::ops;
-use crate::rng::Rng;
 
 struct Attention {
     q: Linear,
@@ -163,7 +162,7 @@ impl Llama {
         })
     }
 
-    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+    pub fn linears_iter(&self) -> impl Iterator<Item = &Linear> {
         self.blocks
             .iter()
             .flat_map(|b| {
@@ -180,7 +179,7 @@ impl Llama {
             .chain(std::iter::once(&self.lm_head))
     }
 
-    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+    pub fn linears_iter_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.blocks
             .iter_mut()
             .flat_map(|b| {
@@ -192,85 +191,22 @@ impl Llama {
             .chain(std::iter::once(&mut self.lm_head))
     }
 
-    /// Attaches freshly initialised LoRA factors to every matching linear layer.
-    /// A's init depends only on `seed` and the layer path. Returns the adapted paths.
-    pub fn inject_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<String>> {
-        cfg.validate()?;
-        let m = cfg.target_modules.matcher()?;
-        let scale = cfg.scale();
-        let mut done = Vec::new();
-        for l in self.linears_mut() {
-            if m.matches(&l.path) {
-                let mut rng = Rng::derive(seed, &l.path);
-                let lora =
-                    LoraLayer::init(l.in_dim(), l.out_dim(), cfg.r, scale, cfg.dropout, &mut rng)?;
-                l.adapter = Some(Adapter::Lora(lora));
-                done.push(l.path.clone());
-            }
-        }
-        if done.is_empty() {
-            return Err(Error::NoTargetMatch {
-                spec: cfg.target_modules.describe(),
-                example: self
-                    .linears()
-                    .next()
-                    .map(|l| l.path.clone())
-                    .unwrap_or_default(),
-            });
-        }
-        Ok(done)
+    /// [`crate::adapters::inject_lora`] on this model.
+    pub fn inject_lora(
+        &mut self,
+        cfg: &crate::adapters::LoraConfig,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        crate::adapters::inject_lora(self, cfg, seed)
     }
 
-    /// Makes every matching linear layer fully trainable, as a dense update ΔW = 0 on top
-    /// of the frozen weight. Returns the adapted paths.
-    pub fn inject_full(&mut self, targets: &TargetModules) -> Result<Vec<String>> {
-        let m = targets.matcher()?;
-        let tied = self.cfg.tie_word_embeddings;
-        let mut done = Vec::new();
-        for l in self.linears_mut() {
-            if m.matches(&l.path) {
-                if l.path == "lm_head" && tied {
-                    // The merged model could not hold a head that differs from the embeddings.
-                    return Err(Error::config(
-                        "target_modules",
-                        "lm_head is tied to the embeddings and cannot be fully fine-tuned",
-                    ));
-                }
-                l.adapter = Some(Adapter::Full(FullDelta::zeros(l.in_dim(), l.out_dim())?));
-                done.push(l.path.clone());
-            }
-        }
-        if done.is_empty() {
-            return Err(Error::NoTargetMatch {
-                spec: targets.describe(),
-                example: self
-                    .linears()
-                    .next()
-                    .map(|l| l.path.clone())
-                    .unwrap_or_default(),
-            });
-        }
-        Ok(done)
-    }
-
-    /// Every trainable tensor, named `<module path>.<adapter tensor>`.
-    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
-        self.linears().flat_map(|l| l.vars()).collect()
-    }
-
-    /// Folds every adapter into its base weight and drops the adapters.
-    pub fn merge_adapters(&mut self) -> Result<()> {
-        for l in self.linears_mut() {
-            if l.adapter.is_some() {
-                l.weight = l.merged_weight()?;
-                l.adapter = None;
-            }
-        }
-        Ok(())
+    /// [`crate::adapters::inject_full`] on this model.
+    pub fn inject_full(&mut self, targets: &crate::adapters::TargetModules) -> Result<Vec<String>> {
+        crate::adapters::inject_full(self, targets)
     }
 
     /// All base weights in Hugging Face naming (adapters merged in when `merged`).
-    pub fn base_weights(&self, merged: bool) -> Result<Weights> {
+    fn base_weights_impl(&self, merged: bool) -> Result<Weights> {
         let mut w = Weights::new(None);
         w.insert("model.embed_tokens.weight", self.embed.clone());
         w.insert("model.norm.weight", self.norm.clone());
@@ -284,7 +220,7 @@ impl Llama {
                 b.post_norm.clone(),
             );
         }
-        for l in self.linears() {
+        for l in self.linears_iter() {
             if l.path == "lm_head" && self.cfg.tie_word_embeddings {
                 continue;
             }
@@ -387,6 +323,10 @@ impl Llama {
         self.loss_from_hidden(&h, labels, ctx)
     }
 
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
     /// Mean cross-entropy of the LM head's logits of `hidden` (.., e) against `labels`
     /// (..). Without an adapter on the head the (n, v) logits are never materialised
     /// (`ops::linear_cross_entropy` projects and scores rows in chunks).
@@ -472,6 +412,123 @@ impl Llama {
             Tensor::from_vec(cos, (b, t, half), dev)?,
             Tensor::from_vec(sin, (b, t, half), dev)?,
         ))
+    }
+}
+
+impl Model for Llama {
+    fn arch(&self) -> &'static str {
+        "llama"
+    }
+
+    fn family(&self) -> Family {
+        Family::Decoder
+    }
+
+    fn objective(&self) -> Objective {
+        Objective::CausalLm
+    }
+
+    fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        self.linears_iter().collect()
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.linears_iter_mut().collect()
+    }
+
+    fn is_output_head(&self, path: &str) -> bool {
+        path == "lm_head"
+    }
+
+    fn check_full_finetune(&self, path: &str) -> Result<()> {
+        if path == "lm_head" && self.cfg.tie_word_embeddings {
+            // The merged model could not hold a head that differs from the embeddings.
+            return Err(Error::config(
+                "target_modules",
+                "lm_head is tied to the embeddings and cannot be fully fine-tuned",
+            ));
+        }
+        Ok(())
+    }
+
+    fn loss(&self, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
+        Llama::loss(
+            self,
+            &batch.input_ids,
+            &batch.attention_mask,
+            &batch.labels,
+            ctx,
+        )
+    }
+
+    fn validation_loss(&self, batch: &Batch) -> Result<Tensor> {
+        let ctx = Ctx::eval();
+        // Detached: no backward follows, so the loss need not form the hidden-state gradient
+        // (one LM-head-sized GEMM per batch) that a tracked input would ask for.
+        let h = self
+            .forward_hidden(
+                &batch.input_ids,
+                Some(&batch.attention_mask),
+                None,
+                None,
+                &ctx,
+            )?
+            .detach();
+        self.loss_from_hidden(&h, &batch.labels, &ctx)
+    }
+
+    fn base_weights(&self, merged: bool) -> Result<Weights> {
+        self.base_weights_impl(merged)
+    }
+
+    fn hf_config(&self, source: &serde_json::Value) -> Result<serde_json::Value> {
+        let mut cv = source.clone();
+        if let serde_json::Value::Object(m) = &mut cv {
+            m.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            m.insert("model_type".into(), serde_json::json!("llama"));
+            m.insert("torch_dtype".into(), serde_json::json!("float32"));
+            m.entry("hidden_act").or_insert(serde_json::json!("silu"));
+            // Unset optional fields are left out rather than written as null.
+            m.retain(|_, v| !v.is_null());
+        }
+        Ok(cv)
+    }
+
+    fn as_causal_lm(&self) -> Option<&dyn CausalLm> {
+        Some(self)
+    }
+}
+
+impl CausalLm for Llama {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        &self.cfg.eos_token_ids
+    }
+
+    fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        Llama::forward_hidden(self, input_ids, attention_mask, positions, cache, ctx)
+    }
+
+    fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        Llama::logits(self, hidden, ctx)
     }
 }
 

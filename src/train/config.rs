@@ -63,7 +63,16 @@ impl Method {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub model: String,
+    /// `None`: instruction tuning (causal LM); else a GLUE task name (see `data::Task`).
+    #[serde(default)]
+    pub task: Option<String>,
     pub data: Vec<PathBuf>,
+    /// Files validated on every `eval_every` steps (besides any `val_set_size` split).
+    #[serde(default)]
+    pub eval_data: Vec<PathBuf>,
+    /// Dropout before a sequence classifier (None: the model config's).
+    #[serde(default)]
+    pub classifier_dropout: Option<f32>,
     pub out: PathBuf,
     pub method: Method,
     pub lora: LoraConfig,
@@ -95,6 +104,12 @@ pub struct TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
+        crate::data::Task::parse(self.task.as_deref())?;
+        if let Some(p) = self.classifier_dropout {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::config("classifier_dropout", "must be in [0, 1)"));
+            }
+        }
         if self.data.is_empty() {
             return Err(Error::config("data", "no data file given"));
         }

@@ -13,7 +13,7 @@ use crate::adapters::{Adapter, DashLayer};
 use crate::error::{Error, Result};
 use crate::io::atomic;
 use crate::io::weights::save_tensors;
-use crate::models::Llama;
+use crate::models::Model;
 use crate::train::config::DashConfig;
 use crate::tsd::select::{change_rates, percentile, top_s};
 use crate::tsd::svd::{SvdCache, SvdPrefetch};
@@ -56,7 +56,7 @@ pub struct DashRuntime {
 
 impl DashRuntime {
     /// Checks `s` against every adapted layer and starts the background SVDs.
-    pub fn start(model: &Llama, cfg: DashConfig, cache: SvdCache) -> Result<Self> {
+    pub fn start(model: &dyn Model, cfg: DashConfig, cache: SvdCache) -> Result<Self> {
         let mut jobs = Vec::new();
         for l in model.linears() {
             if l.adapter.is_some() {
@@ -81,7 +81,7 @@ impl DashRuntime {
     /// layer to Dash. Returns the new trainable tensors and the report.
     pub fn switch(
         &mut self,
-        model: &mut Llama,
+        model: &mut dyn Model,
     ) -> Result<(Vec<(String, Var)>, TsdReport, BTreeMap<String, Vec<f32>>)> {
         let start = Instant::now();
         let mut stall = 0f64;
@@ -134,7 +134,7 @@ impl DashRuntime {
 
     /// Rebuilds the dash form from saved indices (resume after the switch). Values of A, B
     /// and c are restored by the caller from the checkpoint.
-    pub fn restore(&mut self, model: &mut Llama, state: &DashState) -> Result<()> {
+    pub fn restore(&mut self, model: &mut dyn Model, state: &DashState) -> Result<()> {
         for l in model.linears_mut() {
             let Some(Adapter::Lora(lora)) = l.adapter.take() else {
                 continue;

@@ -7,13 +7,14 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::data::alpaca::load_records;
+use crate::adapters::{inject_full, inject_lora};
 use crate::data::batch::{collate, split_train_val, Batch, Loader};
-use crate::data::tokenize::{tokenize_record, Example};
+use crate::data::tokenize::Example;
+use crate::data::{EncodeOptions, Task};
 use crate::error::{Error, IoContext, Result};
 use crate::io::atomic::StagedDir;
 use crate::io::{self, atomic, TextTokenizer, Weights};
-use crate::models::{Ctx, Llama};
+use crate::models::{Ctx, Model};
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{Method, TrainConfig};
@@ -47,6 +48,8 @@ pub struct RunSummary {
     pub trainable_params: usize,
     /// Peak resident memory of the process so far, bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
+    /// The task metrics of the last evaluation on `eval_data` (GLUE tasks).
+    pub eval_metrics: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -66,10 +69,14 @@ pub fn peak_rss_bytes() -> u64 {
 
 /// Everything a run needs, loaded and checked before the first step.
 pub struct Prepared {
-    pub model: Llama,
+    pub model: Box<dyn Model>,
+    pub task: Task,
     pub tokenizer: TextTokenizer,
     pub train: Vec<Example>,
+    /// Held out from the training files (`val_set_size`).
     pub val: Vec<Example>,
+    /// From `eval_data`.
+    pub eval: Vec<Example>,
     pub adapted: Vec<String>,
     /// The base's config and tokenizer (no weights), to write a full fine-tune out.
     pub source: io::LoadedModel,
@@ -78,6 +85,7 @@ pub struct Prepared {
 /// Loads the model, attaches the adapters, reads and tokenises the data.
 pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     cfg.validate()?;
+    let task = Task::parse(cfg.task.as_deref())?;
     let loaded = io::load_model(&cfg.model)?;
     let tokenizer = loaded.tokenizer.clone().ok_or_else(|| {
         Error::format(
@@ -85,28 +93,20 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
             "no tokenizer found (tokenizer.json or GGUF tokenizer metadata is required to train)",
         )
     })?;
-    let mcfg = loaded.config.resolve()?;
-    let mut model = Llama::load(&mcfg, &loaded.weights)?;
+    let mut model = crate::models::load(&loaded, &task.head(cfg.classifier_dropout, cfg.seed))?;
     let source = io::LoadedModel {
         weights: Weights::new(None),
         ..loaded
     };
     let adapted = match cfg.method {
-        Method::Full => model.inject_full(&cfg.lora.target_modules)?,
-        _ => model.inject_lora(&cfg.lora, cfg.seed)?,
+        Method::Full => inject_full(model.as_mut(), &cfg.lora.target_modules)?,
+        _ => inject_lora(model.as_mut(), &cfg.lora, cfg.seed)?,
     };
-
-    let records = load_records(&cfg.data)?;
-    let mut examples = Vec::with_capacity(records.len());
-    for rec in &records {
-        examples.push(tokenize_record(
-            &tokenizer,
-            rec,
-            cfg.cutoff_len,
-            cfg.train_on_inputs,
-            true,
-        )?);
-    }
+    let opts = EncodeOptions {
+        cutoff_len: cfg.cutoff_len,
+        train_on_inputs: cfg.train_on_inputs,
+    };
+    let examples = task.load_examples(&tokenizer, &cfg.data, opts)?;
     let (mut train, val) = split_train_val(examples, cfg.val_set_size, cfg.seed)?;
     if let Some(n) = cfg.max_records {
         train.truncate(n);
@@ -114,11 +114,18 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     if train.is_empty() {
         return Err(Error::config("val_set_size", "leaves no training examples"));
     }
+    let eval = if cfg.eval_data.is_empty() {
+        Vec::new()
+    } else {
+        task.load_examples(&tokenizer, &cfg.eval_data, opts)?
+    };
     Ok(Prepared {
         model,
+        task,
         tokenizer,
         train,
         val,
+        eval,
         adapted,
         source,
     })
@@ -163,12 +170,15 @@ fn run_loop(
 ) -> Result<RunSummary> {
     let Prepared {
         mut model,
+        task,
         tokenizer,
         train,
         val,
+        eval,
         adapted,
         source,
     } = prep;
+    let dev = model.device().clone();
     let pad_id = tokenizer.pad_or_eos();
     let total_steps = cfg.total_steps(train.len());
     let schedule = Schedule {
@@ -189,7 +199,7 @@ fn run_loop(
                 ));
             }
             Some(DashRuntime::start(
-                &model,
+                model.as_ref(),
                 d.clone(),
                 SvdCache::new(default_cache_dir()),
             )?)
@@ -213,7 +223,7 @@ fn run_loop(
             if let (Some(rt), false) = (dash.as_mut(), ck.state.method_state.is_null()) {
                 let st: DashState = serde_json::from_value(ck.state.method_state.clone())?;
                 if st.switched {
-                    rt.restore(&mut model, &st)?;
+                    rt.restore(model.as_mut(), &st)?;
                 }
             }
             restore_vars(&model.trainable_vars(), &ck.trainable)?;
@@ -241,6 +251,9 @@ fn run_loop(
         opt.load_state(st)?;
     }
     let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    for n in model.notes() {
+        eprintln!("note: {n}");
+    }
     eprintln!(
         "{}: {} adapted layers, {} trainable parameters, {} train / {} val examples, {} steps",
         cfg.method.name(),
@@ -254,6 +267,7 @@ fn run_loop(
     let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
     let (mut first_val, mut last_val) = (None, None);
     let mut checked_grads = false;
+    let mut last_metrics: Option<std::collections::BTreeMap<String, f64>> = None;
     let run_start = Instant::now();
     let mut run_tokens = 0usize;
     while step < total_steps {
@@ -265,10 +279,10 @@ fn run_loop(
         for _ in 0..cfg.grad_accum {
             let idx = loader.next_indices();
             let exs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
-            let batch = collate(&exs, pad_id)?;
+            let batch = collate(&exs, pad_id)?.to_device(&dev)?;
             tokens += batch.n_tokens;
             let ctx = Ctx::train(rng.clone());
-            let loss = model.loss(&batch.input_ids, &batch.attention_mask, &batch.labels, &ctx)?;
+            let loss = model.loss(&batch, &ctx)?;
             rng = ctx.into_rng();
             loss_sum += loss.to_scalar::<f32>()?;
             let grads = (loss / cfg.grad_accum as f64)?.backward()?;
@@ -318,9 +332,14 @@ fn run_loop(
         if let Some(rt) = dash.as_mut() {
             if !rt.state.switched && step == rt.cfg.t {
                 let staged = StagedDir::new(&cfg.out.join(SWITCH_DIR), true)?;
-                io::peft::save_lora(&model, &cfg.lora, Some(cfg.model.clone()), staged.path())?;
+                io::peft::save_lora(
+                    model.as_ref(),
+                    &cfg.lora,
+                    Some(cfg.model.clone()),
+                    staged.path(),
+                )?;
                 staged.commit()?;
-                let (new_vars, report, full) = rt.switch(&mut model)?;
+                let (new_vars, report, full) = rt.switch(model.as_mut())?;
                 crate::train::dash::write_report(&cfg.out, &report, &full)?;
                 if rt.cfg.freeze_ab {
                     let keep: Vec<String> =
@@ -344,14 +363,35 @@ fn run_loop(
                 ));
             }
         }
-        let eval_now = !val.is_empty()
+        let eval_now = (!val.is_empty() || !eval.is_empty())
             && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total_steps);
-        if eval_now {
-            let vl = validation_loss(&model, &val, cfg.batch_size, pad_id)?;
+        if eval_now && !val.is_empty() {
+            let vl = validation_loss(model.as_ref(), &val, cfg.batch_size, pad_id)?;
             first_val.get_or_insert(vl);
             last_val = Some(vl);
             rec.val_loss = Some(vl as f64);
             bar.println(format!("step {step}: val_loss {vl:.4}"));
+        }
+        if eval_now && !eval.is_empty() {
+            let mut line = format!("step {step}:");
+            let el = validation_loss(model.as_ref(), &eval, cfg.batch_size, pad_id)?;
+            rec.extra.insert("eval_loss".into(), serde_json::json!(el));
+            line.push_str(&format!(" eval_loss {el:.4}"));
+            if let Task::Glue(g) = task {
+                let report = crate::eval::glue::evaluate(
+                    model.as_ref(),
+                    g,
+                    &eval,
+                    cfg.batch_size.max(32),
+                    pad_id,
+                )?;
+                for (k, v) in &report.metrics {
+                    rec.extra.insert(format!("eval_{k}"), serde_json::json!(v));
+                    line.push_str(&format!(" {k} {v:.4}"));
+                }
+                last_metrics = Some(report.metrics.clone());
+            }
+            bar.println(line);
         }
         metrics.append(&rec)?;
         bar.set_position(step as u64);
@@ -386,7 +426,7 @@ fn run_loop(
     match &dash {
         Some(rt) => {
             crate::io::dash::save_native(
-                &model,
+                model.as_ref(),
                 &cfg.lora,
                 rt.cfg.t,
                 rt.cfg.s,
@@ -395,18 +435,25 @@ fn run_loop(
                 &cfg.out,
             )?;
             let staged = StagedDir::new(&cfg.out.join(EXPORT_DIR), true)?;
-            crate::io::dash::save_peft_export(&model, &cfg.lora, rt.cfg.s, base, staged.path())?;
+            crate::io::dash::save_peft_export(
+                model.as_ref(),
+                &cfg.lora,
+                rt.cfg.s,
+                base,
+                staged.path(),
+            )?;
             staged.commit()?;
         }
         None if cfg.method == Method::Full => {
-            io::hf::write_hf_dir(
+            io::hf::write_hf_dir_with_config(
                 &source,
+                &model.hf_config(&source.config_json)?,
                 &model.base_weights(true)?,
                 &cfg.out.join(FULL_MODEL_DIR),
                 true,
             )?;
         }
-        None => io::peft::save_lora(&model, &cfg.lora, base, &cfg.out)?,
+        None => io::peft::save_lora(model.as_ref(), &cfg.lora, base, &cfg.out)?,
     }
     if let Err(e) =
         read_records(&metrics_path).and_then(|r| plot_loss_curve(&r, &cfg.out.join("loss.png")))
@@ -429,6 +476,7 @@ fn run_loop(
         adapted_layers: adapted.len(),
         trainable_params,
         peak_rss_bytes: peak_rss_bytes(),
+        eval_metrics: last_metrics,
     })
 }
 
@@ -446,35 +494,22 @@ fn add_grads(mut acc: GradStore, new: &GradStore, vars: &[(String, Var)]) -> Res
     Ok(acc)
 }
 
-/// Token-weighted mean loss over `val`, without dropout.
+/// Mean loss over `val`, weighted by each batch's target count, without dropout.
 pub fn validation_loss(
-    model: &Llama,
+    model: &dyn Model,
     val: &[Example],
     batch_size: usize,
     pad_id: u32,
 ) -> Result<f32> {
-    let ctx = Ctx::eval();
+    let dev = model.device().clone();
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in val.chunks(batch_size) {
         let exs: Vec<&Example> = chunk.iter().collect();
-        let batch: Batch = collate(&exs, pad_id)?;
+        let batch: Batch = collate(&exs, pad_id)?.to_device(&dev)?;
         if batch.n_target_tokens == 0 {
             continue;
         }
-        // Detached: no backward follows, so the loss need not form the hidden-state gradient
-        // (one LM-head-sized GEMM per batch) that a tracked input would ask for.
-        let h = model
-            .forward_hidden(
-                &batch.input_ids,
-                Some(&batch.attention_mask),
-                None,
-                None,
-                &ctx,
-            )?
-            .detach();
-        let loss = model
-            .loss_from_hidden(&h, &batch.labels, &ctx)?
-            .to_scalar::<f32>()?;
+        let loss = model.validation_loss(&batch)?.to_scalar::<f32>()?;
         sum += loss as f64 * batch.n_target_tokens as f64;
         n += batch.n_target_tokens;
     }

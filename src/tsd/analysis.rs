@@ -16,9 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapters::Adapter;
 use crate::error::{Error, Result};
-use crate::io::Weights;
-use crate::models::config::LlamaConfig;
-use crate::models::Llama;
+use crate::io::LoadedModel;
+use crate::models::{HeadSpec, Model};
 use crate::rng::Rng;
 use crate::tsd::metrics::{
     jaccard, mean, median, overlap, projections, spearman, NullBaseline, NULL_DRAWS,
@@ -75,16 +74,12 @@ pub struct SourceDeltas {
     pub layers: Vec<(String, LayerDelta)>,
 }
 
-/// Reads the per-layer ΔW of `src` against the base (`cfg`, `weights`).
-pub fn load_deltas(
-    cfg: &LlamaConfig,
-    weights: &Weights,
-    src: &DeltaSource,
-) -> Result<SourceDeltas> {
+/// Reads the per-layer ΔW of `src` against the base model `base`.
+pub fn load_deltas(base: &LoadedModel, src: &DeltaSource) -> Result<SourceDeltas> {
     match src {
         DeltaSource::Adapter(dir) => {
-            let mut m = Llama::load(cfg, weights)?;
-            let kind = crate::io::dash::load_any(&mut m, dir)?;
+            let mut m = crate::models::load(base, &crate::io::dash::head_spec_of(dir)?)?;
+            let kind = crate::io::dash::load_any(m.as_mut(), dir)?;
             let mut layers = Vec::new();
             for l in m.linears() {
                 let d = match &l.adapter {
@@ -109,14 +104,23 @@ pub fn load_deltas(
             })
         }
         DeltaSource::Finetuned(spec) => {
-            let base = Llama::load(cfg, weights)?;
+            let base_model = crate::models::load(base, &HeadSpec::Base)?;
             let ft = crate::io::load_model(spec)?;
             // Loading with the base's config checks every tensor's shape and names the first
             // one that does not fit.
-            let tuned = Llama::load(cfg, &ft.weights)?;
-            drop(ft);
+            let tuned = crate::models::load(
+                &LoadedModel {
+                    config: base.config.clone(),
+                    config_json: base.config_json.clone(),
+                    weights: ft.weights,
+                    tokenizer: None,
+                    path: ft.path,
+                    kind: ft.kind,
+                },
+                &HeadSpec::Base,
+            )?;
             let mut layers = Vec::new();
-            for (b, t) in base.linears().zip(tuned.linears()) {
+            for (b, t) in base_model.linears().into_iter().zip(tuned.linears()) {
                 let diff = (&t.weight - &b.weight)?;
                 let changed = diff.abs()?.max_all()?.to_scalar::<f32>()? > 0.0;
                 if changed {
@@ -242,7 +246,7 @@ type LayerResult = (LayerRecord, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 /// are processed in parallel on the rayon pool. `progress` is ticked once per layer.
 pub fn analyze(
     model_label: &str,
-    base: &Llama,
+    base: &dyn Model,
     source: &SourceDeltas,
     compare: Option<&SourceDeltas>,
     s: usize,
@@ -293,6 +297,7 @@ pub fn analyze(
     }
     let weights: HashMap<&str, &Tensor> = base
         .linears()
+        .into_iter()
         .map(|l| (l.path.as_str(), &l.weight))
         .collect();
     for (name, _, _) in &jobs {
