@@ -52,6 +52,13 @@ pub struct BertConfig {
     pub add_cross_attention: bool,
     #[serde(default)]
     pub problem_type: Option<String>,
+    /// Standard deviation of the initialisation of new head layers.
+    #[serde(default = "init_range")]
+    pub initializer_range: f32,
+}
+
+fn init_range() -> f32 {
+    0.02
 }
 
 fn gelu() -> String {
@@ -103,7 +110,10 @@ impl BertConfig {
         }
         for (k, p) in [
             ("hidden_dropout_prob", c.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", c.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                c.attention_probs_dropout_prob,
+            ),
         ] {
             if !(0.0..1.0).contains(&p) {
                 return bad(k, format!("{p} is not in [0, 1)"));
@@ -181,7 +191,9 @@ impl Source<'_> {
         let mut n = self.name(rel);
         // Old checkpoints name LayerNorm parameters gamma / beta.
         if !self.w.contains(&n) && rel.contains("LayerNorm.") {
-            let old = n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            let old = n
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
             if self.w.contains(&old) {
                 n = old;
             }
@@ -287,13 +299,43 @@ impl Bert {
             let r = format!("encoder.layer.{i}");
             let p = format!("{prefix}{r}");
             layers.push(Layer {
-                q: src.linear(&format!("{r}.attention.self.query"), format!("{p}.attention.self.query"), e, e)?,
-                k: src.linear(&format!("{r}.attention.self.key"), format!("{p}.attention.self.key"), e, e)?,
-                v: src.linear(&format!("{r}.attention.self.value"), format!("{p}.attention.self.value"), e, e)?,
-                attn_out: src.linear(&format!("{r}.attention.output.dense"), format!("{p}.attention.output.dense"), e, e)?,
+                q: src.linear(
+                    &format!("{r}.attention.self.query"),
+                    format!("{p}.attention.self.query"),
+                    e,
+                    e,
+                )?,
+                k: src.linear(
+                    &format!("{r}.attention.self.key"),
+                    format!("{p}.attention.self.key"),
+                    e,
+                    e,
+                )?,
+                v: src.linear(
+                    &format!("{r}.attention.self.value"),
+                    format!("{p}.attention.self.value"),
+                    e,
+                    e,
+                )?,
+                attn_out: src.linear(
+                    &format!("{r}.attention.output.dense"),
+                    format!("{p}.attention.output.dense"),
+                    e,
+                    e,
+                )?,
                 attn_norm: src.norm(&format!("{r}.attention.output.LayerNorm"), e)?,
-                inter: src.linear(&format!("{r}.intermediate.dense"), format!("{p}.intermediate.dense"), inter, e)?,
-                out: src.linear(&format!("{r}.output.dense"), format!("{p}.output.dense"), e, inter)?,
+                inter: src.linear(
+                    &format!("{r}.intermediate.dense"),
+                    format!("{p}.intermediate.dense"),
+                    inter,
+                    e,
+                )?,
+                out: src.linear(
+                    &format!("{r}.output.dense"),
+                    format!("{p}.output.dense"),
+                    e,
+                    inter,
+                )?,
                 out_norm: src.norm(&format!("{r}.output.LayerNorm"), e)?,
             });
         }
@@ -314,6 +356,7 @@ impl Bert {
                 &format!("{prefix}pooler.dense"),
                 e,
                 e,
+                cfg.initializer_range,
                 seed,
                 &dev,
             )?))
@@ -333,13 +376,25 @@ impl Bert {
                         Some(src.get_top("classifier.bias", &[n])?),
                     ))
                 } else {
-                    Classifier::Trained(TrainableLinear::init("classifier", e, n, seed, &dev)?)
+                    Classifier::Trained(TrainableLinear::init(
+                        "classifier",
+                        e,
+                        n,
+                        cfg.initializer_range,
+                        seed,
+                        &dev,
+                    )?)
                 };
                 (Some(c), objective_of(n))
             }
             _ => {
                 if w.contains("classifier.weight") {
-                    let n = w.get("classifier.weight")?.dims().first().copied().unwrap_or(0);
+                    let n = w
+                        .get("classifier.weight")?
+                        .dims()
+                        .first()
+                        .copied()
+                        .unwrap_or(0);
                     let c = Classifier::Frozen(Linear::new(
                         "classifier",
                         src.get_top("classifier.weight", &[n, e])?,
@@ -419,8 +474,14 @@ impl Bert {
         }
         let eps = self.cfg.layer_norm_eps;
         let p = self.cfg.hidden_dropout_prob;
-        x = ctx.dropout(&ops::layer_norm(&x, &self.embed_norm.0, &self.embed_norm.1, eps)?, p)?;
-        let (h, d) = (self.cfg.num_attention_heads, e / self.cfg.num_attention_heads);
+        x = ctx.dropout(
+            &ops::layer_norm(&x, &self.embed_norm.0, &self.embed_norm.1, eps)?,
+            p,
+        )?;
+        let (h, d) = (
+            self.cfg.num_attention_heads,
+            e / self.cfg.num_attention_heads,
+        );
         let scale = 1.0 / (d as f64).sqrt();
         for l in &self.layers {
             let heads = |y: Tensor| -> Result<Tensor> {
@@ -574,13 +635,19 @@ impl Model for Bert {
     fn base_weights(&self, merged: bool) -> Result<Weights> {
         let mut w = Weights::new(None);
         let p = &self.prefix;
-        w.insert(format!("{p}embeddings.word_embeddings.weight"), self.word.clone());
+        w.insert(
+            format!("{p}embeddings.word_embeddings.weight"),
+            self.word.clone(),
+        );
         w.insert(
             format!("{p}embeddings.position_embeddings.weight"),
             self.position.clone(),
         );
         if let Some(tt) = &self.token_type {
-            w.insert(format!("{p}embeddings.token_type_embeddings.weight"), tt.clone());
+            w.insert(
+                format!("{p}embeddings.token_type_embeddings.weight"),
+                tt.clone(),
+            );
         }
         let mut norm = |name: String, n: &(Tensor, Tensor)| {
             w.insert(format!("{name}.weight"), n.0.clone());
@@ -588,11 +655,21 @@ impl Model for Bert {
         };
         norm(format!("{p}embeddings.LayerNorm"), &self.embed_norm);
         for (i, l) in self.layers.iter().enumerate() {
-            norm(format!("{p}encoder.layer.{i}.attention.output.LayerNorm"), &l.attn_norm);
-            norm(format!("{p}encoder.layer.{i}.output.LayerNorm"), &l.out_norm);
+            norm(
+                format!("{p}encoder.layer.{i}.attention.output.LayerNorm"),
+                &l.attn_norm,
+            );
+            norm(
+                format!("{p}encoder.layer.{i}.output.LayerNorm"),
+                &l.out_norm,
+            );
         }
         for l in self.linears() {
-            let t = if merged { l.merged_weight()? } else { l.weight.clone() };
+            let t = if merged {
+                l.merged_weight()?
+            } else {
+                l.weight.clone()
+            };
             w.insert(format!("{}.weight", l.path), t);
             if let Some(b) = &l.bias {
                 w.insert(format!("{}.bias", l.path), b.clone());
@@ -642,7 +719,9 @@ impl Model for Bert {
     }
 
     fn as_classifier(&self) -> Option<&dyn SequenceClassifier> {
-        self.classifier.as_ref().map(|_| self as &dyn SequenceClassifier)
+        self.classifier
+            .as_ref()
+            .map(|_| self as &dyn SequenceClassifier)
     }
 
     fn notes(&self) -> Vec<String> {

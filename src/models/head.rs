@@ -1,6 +1,6 @@
 //! Task heads. A head layer that the checkpoint lacks (the classifier of a GLUE run, a
 //! pooler a sentence-embedding checkpoint dropped) is initialised as transformers does —
-//! weight normal(0, 0.02), bias 0 — from a seed, trains fully and is saved with the adapter
+//! weight normal(0, initializer_range), bias 0 — from a seed, trains fully and is saved with the adapter
 //! (PEFT's `modules_to_save`).
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -38,11 +38,19 @@ pub struct TrainableLinear {
 }
 
 impl TrainableLinear {
-    /// transformers' `_init_weights` for `nn.Linear`: N(0, 0.02²) weight, zero bias. The
-    /// values depend only on `seed` and the path.
-    pub fn init(path: &str, in_dim: usize, out_dim: usize, seed: u64, dev: &Device) -> Result<Self> {
+    /// transformers' `_init_weights` for `nn.Linear`: N(0, std²) weight (std is the config's
+    /// `initializer_range`, 0.02 by default), zero bias. The values depend only on `seed` and
+    /// the path.
+    pub fn init(
+        path: &str,
+        in_dim: usize,
+        out_dim: usize,
+        std: f32,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<Self> {
         let mut rng = Rng::derive(seed, path);
-        let w: Vec<f32> = (0..in_dim * out_dim).map(|_| rng.normal() * 0.02).collect();
+        let w: Vec<f32> = (0..in_dim * out_dim).map(|_| rng.normal() * std).collect();
         let weight = Tensor::from_vec(w, (out_dim, in_dim), dev)?;
         let bias = Tensor::zeros(out_dim, DType::F32, dev)?;
         Ok(TrainableLinear {
@@ -70,8 +78,7 @@ impl TrainableLinear {
 
     /// x (n, in) → (n, out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x
-            .matmul(&self.weight.as_tensor().t()?)?
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
             .broadcast_add(self.bias.as_tensor())?)
     }
 

@@ -488,7 +488,10 @@ impl Model for Llama {
     fn hf_config(&self, source: &serde_json::Value) -> Result<serde_json::Value> {
         let mut cv = source.clone();
         if let serde_json::Value::Object(m) = &mut cv {
-            m.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            m.insert(
+                "architectures".into(),
+                serde_json::json!(["LlamaForCausalLM"]),
+            );
             m.insert("model_type".into(), serde_json::json!("llama"));
             m.insert("torch_dtype".into(), serde_json::json!("float32"));
             m.entry("hidden_act").or_insert(serde_json::json!("silu"));

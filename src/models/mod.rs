@@ -136,7 +136,12 @@ pub trait CausalLm {
     /// Logits (.., v) of hidden states (.., e).
     fn logits(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor>;
     /// Logits (b, t, v) of every position.
-    fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, None, None, ctx)?;
         self.logits(&h, ctx)
     }
