@@ -18,7 +18,9 @@ use crate::error::Result;
 mod attention;
 mod cpu;
 mod elementwise;
+mod gelu;
 pub mod gradcheck;
+mod layer_norm;
 mod linear;
 mod linear_ce;
 mod lora_linear;
@@ -67,6 +69,17 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<T
 /// Root-mean-square norm over the last dim, times `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     norm::rms_norm(x, w, eps)
+}
+
+/// LayerNorm over the last dim as `torch.nn.LayerNorm`: `(x - mean) / sqrt(var + eps) · w + b`
+/// with the biased variance; `x` is (.., e), `w` and `b` are (e). Gradients for all three.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm::layer_norm(x, w, b, eps)
+}
+
+/// Exact GELU `0.5 · x · (1 + erf(x / √2))`, Hugging Face's `"gelu"` activation.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    gelu::gelu_erf(x)
 }
 
 /// Rotate-half RoPE (Hugging Face layout). `x` is (b, h, t, d); `cos`/`sin` are (t, d/2)
@@ -131,6 +144,21 @@ pub mod reference {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
         Ok(y.broadcast_mul(w)?)
+    }
+
+    /// Centered two-pass statistics, as `torch.nn.LayerNorm`.
+    pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+    }
+
+    /// Built on candle's `erf`, whose backward is `2/√π e^{-x²}`.
+    pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+        let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+        Ok(((x * 0.5)? * cdf)?)
     }
 
     pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
