@@ -18,6 +18,7 @@ use crate::error::Result;
 mod attention;
 mod cpu;
 mod elementwise;
+mod encoder_attention;
 mod gelu;
 pub mod gradcheck;
 mod layer_norm;
@@ -80,6 +81,22 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 /// Exact GELU `0.5 · x · (1 + erf(x / √2))`, Hugging Face's `"gelu"` activation.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     gelu::gelu_erf(x)
+}
+
+/// Bidirectional attention `softmax(scale · q kᵀ + bias) v` with `q (b, h, t, d)`,
+/// `k`, `v (b, h, s, d)`; returns (b, h, t, d). `key_mask (b, s)` is 1 for real keys and 0
+/// for padding (masked keys get probability 0; a row with no real key outputs zeros).
+/// `bias` is additive, (b, h, t, s), (1, h, t, s), (b, 1, t, s) or (1, 1, t, s), and gets
+/// a gradient (summed over its broadcast dims) when it is tracked.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    encoder_attention::attention(q, k, v, key_mask, bias, scale)
 }
 
 /// Rotate-half RoPE (Hugging Face layout). `x` is (b, h, t, d); `cos`/`sin` are (t, d/2)
@@ -241,6 +258,34 @@ pub mod reference {
         }
         let bias = ((&allowed - 1.0)? * 1e9)?;
         let p = softmax_last_dim(&scores.broadcast_add(&bias)?)?.broadcast_mul(&allowed)?;
+        Ok(p.matmul(&v)?)
+    }
+
+    /// Materialises the (b, h, t, s) scores. Padding keys get a -1e9 bias; multiplying the
+    /// probabilities by the 0/1 mask afterwards zeroes rows that see no key at all.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_mask: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (b, _h, _t, _d) = q.dims4()?;
+        let s = k.dim(2)?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let mut scores = (q.matmul(&k.t()?)? * scale)?; // (b, h, t, s)
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let p = match key_mask {
+            None => softmax_last_dim(&scores)?,
+            Some(m) => {
+                let keep = m.to_dtype(q.dtype())?.reshape((b, 1, 1, s))?; // (b, s) -> (b, 1, 1, s)
+                let neg = ((&keep - 1.0)? * 1e9)?;
+                softmax_last_dim(&scores.broadcast_add(&neg)?)?.broadcast_mul(&keep)?
+            }
+        };
         Ok(p.matmul(&v)?)
     }
 }
