@@ -18,7 +18,10 @@ use crate::error::Result;
 mod attention;
 mod cpu;
 mod elementwise;
+mod encoder_attention;
+mod gelu;
 pub mod gradcheck;
+mod layer_norm;
 mod linear;
 mod linear_ce;
 mod lora_linear;
@@ -67,6 +70,33 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<T
 /// Root-mean-square norm over the last dim, times `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     norm::rms_norm(x, w, eps)
+}
+
+/// LayerNorm over the last dim as `torch.nn.LayerNorm`: `(x - mean) / sqrt(var + eps) · w + b`
+/// with the biased variance; `x` is (.., e), `w` and `b` are (e). Gradients for all three.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm::layer_norm(x, w, b, eps)
+}
+
+/// Exact GELU `0.5 · x · (1 + erf(x / √2))`, Hugging Face's `"gelu"` activation.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    gelu::gelu_erf(x)
+}
+
+/// Bidirectional attention `softmax(scale · q kᵀ + bias) v` with `q (b, h, t, d)`,
+/// `k`, `v (b, h, s, d)`; returns (b, h, t, d). `key_mask (b, s)` is 1 for real keys and 0
+/// for padding (masked keys get probability 0; a row with no real key outputs zeros).
+/// `bias` is additive, (b, h, t, s), (1, h, t, s), (b, 1, t, s) or (1, 1, t, s), and gets
+/// a gradient (summed over its broadcast dims) when it is tracked.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    encoder_attention::attention(q, k, v, key_mask, bias, scale)
 }
 
 /// Rotate-half RoPE (Hugging Face layout). `x` is (b, h, t, d); `cos`/`sin` are (t, d/2)
@@ -131,6 +161,21 @@ pub mod reference {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
         Ok(y.broadcast_mul(w)?)
+    }
+
+    /// Centered two-pass statistics, as `torch.nn.LayerNorm`.
+    pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+    }
+
+    /// Built on candle's `erf`, whose backward is `2/√π e^{-x²}`.
+    pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+        let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+        Ok(((x * 0.5)? * cdf)?)
     }
 
     pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -213,6 +258,34 @@ pub mod reference {
         }
         let bias = ((&allowed - 1.0)? * 1e9)?;
         let p = softmax_last_dim(&scores.broadcast_add(&bias)?)?.broadcast_mul(&allowed)?;
+        Ok(p.matmul(&v)?)
+    }
+
+    /// Materialises the (b, h, t, s) scores. Padding keys get a -1e9 bias; multiplying the
+    /// probabilities by the 0/1 mask afterwards zeroes rows that see no key at all.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_mask: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (b, _h, _t, _d) = q.dims4()?;
+        let s = k.dim(2)?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let mut scores = (q.matmul(&k.t()?)? * scale)?; // (b, h, t, s)
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let p = match key_mask {
+            None => softmax_last_dim(&scores)?,
+            Some(m) => {
+                let keep = m.to_dtype(q.dtype())?.reshape((b, 1, 1, s))?; // (b, s) -> (b, 1, 1, s)
+                let neg = ((&keep - 1.0)? * 1e9)?;
+                softmax_last_dim(&scores.broadcast_add(&neg)?)?.broadcast_mul(&keep)?
+            }
+        };
         Ok(p.matmul(&v)?)
     }
 }
