@@ -3,6 +3,7 @@
 
 pub mod alpaca;
 pub mod batch;
+pub mod glue;
 pub mod tokenize;
 
 pub use alpaca::{eval_prompt, generate_prompt, load_records, Record};

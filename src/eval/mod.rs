@@ -14,6 +14,7 @@
 //!   those the record's instruction lists after `Answer format:`, else the task's vocabulary
 //!   (`answer1..answerN` with N the largest seen in the file).
 
+pub mod glue_metrics;
 pub mod likelihood;
 pub mod report;
 pub mod task;
