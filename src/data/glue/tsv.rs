@@ -219,11 +219,15 @@ pub(crate) fn parse_glue_tsv(task: GlueTask, path: &Path, text: &str) -> Result<
         })
         .or_else(|| all.iter().find(|l| !l.header_row));
     let Some(layout) = layout else {
+        let mut shown = header.join(", ");
+        if let Some((cut, _)) = shown.char_indices().nth(80) {
+            shown.truncate(cut);
+            shown.push('…');
+        }
         return Err(err(
             1,
             format!(
-                "header `{}` is not a {task} file's: expected {}",
-                header.join(", "),
+                "header `{shown}` is not a {task} file's: expected {}",
                 describe(all)
             ),
         ));
