@@ -1,8 +1,8 @@
-//! Reader for the GLUE tasks' original TSV files, as the Hugging Face `glue` dataset script
-//! reads them (`csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)`): fields are split
-//! on tabs only, a `"` is text, columns are found by the header (CoLA's train and dev files
-//! have none), QQP rows with missing fields are dropped. The header must be exactly one of the
-//! task's layouts, so a file of another task is refused at line 1 rather than misread.
+//! Reader for the GLUE tasks' original TSV files, reading them as the Hugging Face `glue`
+//! dataset script does (`delimiter="\t"`, `quoting=csv.QUOTE_NONE`): fields are split on tabs
+//! only, a `"` is text, CoLA's train and dev files have no header, QQP rows with missing
+//! fields are dropped. Stricter than that script, the header must be exactly one of the task's
+//! layouts, so a file of another task is refused at line 1 rather than misread.
 
 use std::path::Path;
 
