@@ -8,6 +8,7 @@
 //! `neutral` = 1, `contradiction` = 2; STS-B is a regression on a 0–5 similarity score.
 
 mod encode;
+mod layout;
 mod tsv;
 
 use std::fmt;

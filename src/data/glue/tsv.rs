@@ -1,178 +1,14 @@
-//! Reader for the GLUE tasks' original TSV files, as the Hugging Face `glue` dataset script
-//! reads them (`csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)`): fields are split
-//! on tabs only, a `"` is text, columns are found by the header (CoLA's train and dev files
-//! have none), QQP rows with missing fields are dropped. The header must be exactly one of the
-//! task's layouts, so a file of another task is refused at line 1 rather than misread.
+//! Reader for the GLUE tasks' original TSV files, reading them as the Hugging Face `glue`
+//! dataset script does (`delimiter="\t"`, `quoting=csv.QUOTE_NONE`): fields are split on tabs
+//! only, a `"` is text, CoLA's train and dev files have no header, QQP rows with missing
+//! fields are dropped. Stricter than that script, the header must be exactly one of the task's
+//! layouts, so a file of another task is refused at line 1 rather than misread.
 
 use std::path::Path;
 
+use super::layout::{describe, layouts};
 use super::{GlueFile, GlueLabel, GlueRow, GlueTask};
 use crate::error::{Error, IoContext, Result};
-
-/// One column layout of a task's files.
-struct Layout {
-    /// Which files have it.
-    kind: &'static str,
-    /// Column names; the header row must hold exactly these (case ignored).
-    columns: &'static [&'static str],
-    /// False for CoLA's train and dev files, whose first line is already data.
-    header_row: bool,
-    text_a: usize,
-    text_b: Option<usize>,
-    label: Option<usize>,
-}
-
-const fn labelled(
-    columns: &'static [&'static str],
-    text_a: usize,
-    text_b: Option<usize>,
-    label: usize,
-) -> Layout {
-    Layout {
-        kind: "train/dev",
-        columns,
-        header_row: true,
-        text_a,
-        text_b,
-        label: Some(label),
-    }
-}
-
-const fn test(columns: &'static [&'static str], text_a: usize, text_b: Option<usize>) -> Layout {
-    Layout {
-        kind: "test",
-        columns,
-        header_row: true,
-        text_a,
-        text_b,
-        label: None,
-    }
-}
-
-const COLA: &[Layout] = &[
-    test(&["index", "sentence"], 1, None),
-    Layout {
-        kind: "train/dev, no header",
-        columns: &["source", "label", "original_mark", "sentence"],
-        header_row: false,
-        text_a: 3,
-        text_b: None,
-        label: Some(1),
-    },
-];
-const SST2: &[Layout] = &[
-    labelled(&["sentence", "label"], 0, None, 1),
-    test(&["index", "sentence"], 1, None),
-];
-const MRPC: &[Layout] = &[
-    labelled(
-        &["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-        3,
-        Some(4),
-        0,
-    ),
-    test(
-        &["index", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-        3,
-        Some(4),
-    ),
-];
-const QQP: &[Layout] = &[
-    labelled(
-        &[
-            "id",
-            "qid1",
-            "qid2",
-            "question1",
-            "question2",
-            "is_duplicate",
-        ],
-        3,
-        Some(4),
-        5,
-    ),
-    test(&["id", "question1", "question2"], 1, Some(2)),
-];
-const STSB_COLUMNS: [&str; 10] = [
-    "index",
-    "genre",
-    "filename",
-    "year",
-    "old_index",
-    "source1",
-    "source2",
-    "sentence1",
-    "sentence2",
-    "score",
-];
-const STSB: &[Layout] = &[
-    labelled(&STSB_COLUMNS, 7, Some(8), 9),
-    test(STSB_COLUMNS.split_at(9).0, 7, Some(8)),
-];
-const MNLI_COLUMNS: [&str; 16] = [
-    "index",
-    "promptID",
-    "pairID",
-    "genre",
-    "sentence1_binary_parse",
-    "sentence2_binary_parse",
-    "sentence1_parse",
-    "sentence2_parse",
-    "sentence1",
-    "sentence2",
-    "label1",
-    "label2",
-    "label3",
-    "label4",
-    "label5",
-    "gold_label",
-];
-const MNLI_TRAIN_COLUMNS: [&str; 12] = [
-    "index",
-    "promptID",
-    "pairID",
-    "genre",
-    "sentence1_binary_parse",
-    "sentence2_binary_parse",
-    "sentence1_parse",
-    "sentence2_parse",
-    "sentence1",
-    "sentence2",
-    "label1",
-    "gold_label",
-];
-const MNLI: &[Layout] = &[
-    Layout {
-        kind: "train",
-        ..labelled(&MNLI_TRAIN_COLUMNS, 8, Some(9), 11)
-    },
-    Layout {
-        kind: "dev_matched/dev_mismatched",
-        ..labelled(&MNLI_COLUMNS, 8, Some(9), 15)
-    },
-    test(MNLI_COLUMNS.split_at(10).0, 8, Some(9)),
-];
-const QNLI: &[Layout] = &[
-    labelled(&["index", "question", "sentence", "label"], 1, Some(2), 3),
-    test(&["index", "question", "sentence"], 1, Some(2)),
-];
-const RTE: &[Layout] = &[
-    labelled(&["index", "sentence1", "sentence2", "label"], 1, Some(2), 3),
-    test(&["index", "sentence1", "sentence2"], 1, Some(2)),
-];
-
-fn layouts(task: GlueTask) -> &'static [Layout] {
-    match task {
-        GlueTask::Cola => COLA,
-        GlueTask::Sst2 => SST2,
-        GlueTask::Mrpc => MRPC,
-        GlueTask::Qqp => QQP,
-        GlueTask::Stsb => STSB,
-        GlueTask::Mnli => MNLI,
-        GlueTask::Qnli => QNLI,
-        GlueTask::Rte => RTE,
-    }
-}
 
 /// Reads `path` as a file of `task` (train, dev or test layout, found from the header).
 ///
@@ -318,17 +154,9 @@ fn parse_label(task: GlueTask, field: &str) -> std::result::Result<GlueLabel, St
     }
 }
 
-/// The task's layouts for an error message.
-fn describe(layouts: &[Layout]) -> String {
-    let parts: Vec<String> = layouts
-        .iter()
-        .map(|l| format!("`{}` ({})", l.columns.join(", "), l.kind))
-        .collect();
-    parts.join(" or ")
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::layout::{MNLI_TRAIN_COLUMNS, STSB_COLUMNS};
     use super::*;
 
     fn parse(task: GlueTask, text: &str) -> Result<GlueFile> {
