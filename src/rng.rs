@@ -97,6 +97,9 @@ mod tests {
         let m = n.iter().sum::<f32>() / n.len() as f32;
         let var = n.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / n.len() as f32;
         // Standard errors: mean 1/√20000 ≈ 0.007, variance ≈ 0.01.
-        assert!(m.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {m} var {var}");
+        assert!(
+            m.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {m} var {var}"
+        );
     }
 }

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::golden;
-use lora_dash::models::Model;
 use lora_dash::adapters::TargetModules;
 use lora_dash::cli::analyze_cmd::{run, AnalyzeArgs};
 use lora_dash::io::{self, Weights};
 use lora_dash::models::Llama;
+use lora_dash::models::Model;
 use lora_dash::rng::Rng;
 use lora_dash::tsd::analysis::{analyze, load_deltas, DeltaSource, LayerDelta};
 use lora_dash::tsd::select::top_s;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::golden;
-use lora_dash::models::Model;
 use lora_dash::adapters::{Adapter, DashLayer, LoraConfig, TargetModules};
 use lora_dash::cli::TrainArgs;
 use lora_dash::io;
+use lora_dash::models::Model;
 use lora_dash::models::{Ctx, Llama};
 use lora_dash::train::metrics::read_records;
 use lora_dash::train::trainer::train;

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use common::{golden, max_rel_diff};
-use lora_dash::models::Model;
 use lora_dash::adapters::TargetModules;
 use lora_dash::cli::TrainArgs;
 use lora_dash::data::alpaca::load_records;
 use lora_dash::data::batch::collate;
 use lora_dash::data::tokenize::{tokenize_record, Example};
 use lora_dash::io;
+use lora_dash::models::Model;
 use lora_dash::models::{Ctx, Llama};
 use lora_dash::rng::Rng;
 use lora_dash::train::trainer::{train, validation_loss, FULL_MODEL_DIR};

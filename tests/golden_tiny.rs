@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::{golden, load_golden, max_rel_diff};
-use lora_dash::models::Model;
 use lora_dash::io::{self, Weights};
+use lora_dash::models::Model;
 use lora_dash::models::{Ctx, Llama};
 
 const TOL: f32 = 1e-4;

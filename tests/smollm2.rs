@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{load_golden, max_rel_diff, smollm2_gguf};
-use lora_dash::models::Model;
 use lora_dash::io;
+use lora_dash::models::Model;
 use lora_dash::models::{Ctx, Llama};
 
 fn model() -> Option<(io::LoadedModel, Llama)> {

@@ -28,11 +28,7 @@ impl LoraLayer {
         dev: &Device,
     ) -> Result<Self> {
         let bound = 1.0 / (in_dim as f32).sqrt();
-        let a = Tensor::from_vec(
-            rng.uniform_vec(r * in_dim, -bound, bound),
-            (r, in_dim),
-            dev,
-        )?;
+        let a = Tensor::from_vec(rng.uniform_vec(r * in_dim, -bound, bound), (r, in_dim), dev)?;
         let b = Tensor::zeros((out_dim, r), candle_core::DType::F32, dev)?;
         Ok(LoraLayer {
             a: Var::from_tensor(&a)?,

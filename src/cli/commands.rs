@@ -28,6 +28,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         s.tokens_per_s,
         dir.display()
     );
+    if let Some(m) = &s.eval_metrics {
+        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("eval: {}", parts.join(", "));
+    }
     Ok(())
 }
 
@@ -89,7 +93,13 @@ pub fn generate(
     }
     let (loaded, m) = load_with_adapter(model, adapter, Some(HeadSpec::CausalLm))?;
     let m = m.as_causal_lm().ok_or_else(|| {
-        Error::config("model", format!("`{}` is not a causal LM; generate needs a decoder", m.arch()))
+        Error::config(
+            "model",
+            format!(
+                "`{}` is not a causal LM; generate needs a decoder",
+                m.arch()
+            ),
+        )
     })?;
     let tok = loaded
         .tokenizer

@@ -200,8 +200,7 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
         .map(|o| StagedDir::new(o, args.overwrite))
         .transpose()?;
     let head = task.head(None, 0);
-    let (loaded, model) =
-        load_with_adapter(&args.model, args.adapter.as_deref(), Some(head))?;
+    let (loaded, model) = load_with_adapter(&args.model, args.adapter.as_deref(), Some(head))?;
     let tok = loaded
         .tokenizer
         .as_ref()

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use candle_core::DType;
 
+use crate::data::collate;
 use crate::data::glue::{GlueLabel, GlueTask};
 use crate::data::tokenize::{Example, Target};
-use crate::data::collate;
 use crate::error::{Error, Result};
 use crate::eval::glue_metrics::glue_metrics;
 use crate::models::{Ctx, Model};

@@ -61,7 +61,11 @@ fn gather_sum(rows: &[Vec<f32>], targets: &[u32]) -> f64 {
 
 /// Scores of every candidate of every item, batched: one prefill of the left-padded contexts,
 /// one forward of all right-padded continuations on copies of the context cache.
-pub fn score_batch(model: &dyn CausalLm, items: &[Candidates], pad_id: u32) -> Result<Vec<Vec<f64>>> {
+pub fn score_batch(
+    model: &dyn CausalLm,
+    items: &[Candidates],
+    pad_id: u32,
+) -> Result<Vec<Vec<f64>>> {
     if items.is_empty() {
         return Ok(vec![]);
     }

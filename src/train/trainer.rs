@@ -357,7 +357,7 @@ fn run_loop(
                     "dash_switch".into(),
                     serde_json::json!({"stall_s": report.stall_s, "switch_s": report.switch_s}),
                 );
-                bar.println(format!(
+                say(&bar, format!(
                     "step {step}: switched to LoRA-Dash (selection {:.2} s, of which {:.2} s waiting for SVDs)",
                     report.switch_s, report.stall_s
                 ));
@@ -370,7 +370,7 @@ fn run_loop(
             first_val.get_or_insert(vl);
             last_val = Some(vl);
             rec.val_loss = Some(vl as f64);
-            bar.println(format!("step {step}: val_loss {vl:.4}"));
+            say(&bar, format!("step {step}: val_loss {vl:.4}"));
         }
         if eval_now && !eval.is_empty() {
             let mut line = format!("step {step}:");
@@ -391,7 +391,7 @@ fn run_loop(
                 }
                 last_metrics = Some(report.metrics.clone());
             }
-            bar.println(line);
+            say(&bar, line);
         }
         metrics.append(&rec)?;
         bar.set_position(step as u64);
@@ -534,6 +534,15 @@ fn restore_vars(vars: &[(String, Var)], w: &Weights) -> Result<()> {
         v.set(&t)?;
     }
     Ok(())
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden (not a terminal).
+fn say(bar: &indicatif::ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        bar.println(msg);
+    }
 }
 
 fn progress_bar(len: u64, pos: u64) -> indicatif::ProgressBar {
