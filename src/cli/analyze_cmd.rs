@@ -95,7 +95,13 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
         return Err(Error::OutputExists(args.out.clone()));
     }
     let loaded = crate::io::load_model(&args.model)?;
-    let base = crate::models::load(&loaded, &crate::models::HeadSpec::Base)?;
+    // The base is built with the head the adapter was trained with, so module paths agree
+    // (`bert.encoder…` under a sequence head).
+    let head = match &source {
+        DeltaSource::Adapter(dir) => crate::io::dash::head_spec_of(dir)?,
+        DeltaSource::Finetuned(_) => crate::models::HeadSpec::Base,
+    };
+    let base = crate::models::load(&loaded, &head)?;
     let primary = load_deltas(&loaded, &source)?;
     let second = compare
         .as_ref()
