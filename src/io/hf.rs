@@ -369,17 +369,35 @@ pub fn load_tokenizer_dir(dir: &Path, config: &HfConfig) -> Result<Option<TextTo
     }))
 }
 
+/// Marker of an earlier Hugging Face directory output: `--overwrite` replaces only those.
+pub const HF_OUTPUT_MARKERS: &[&str] = &["config.json"];
+
 /// Writes `weights` (with `model`'s config and tokenizer) as a Hugging Face directory that
 /// transformers loads: `config.json`, f32 `model.safetensors` (without `lm_head.weight` when
 /// the embeddings are tied), and `tokenizer.json` + `tokenizer_config.json` when there is a
-/// tokenizer. The directory appears whole or not at all.
+/// tokenizer. The directory appears whole or not at all, and `out` must stay clear of the
+/// model it was loaded from (see [`crate::io::outpath`]).
 pub fn write_hf_dir(
     model: &LoadedModel,
     weights: &Weights,
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let stage = StagedDir::new(out, overwrite)?;
+    let stage = crate::io::outpath::stage_output(
+        out,
+        overwrite,
+        &[("--model", &model.path)],
+        HF_OUTPUT_MARKERS,
+    )?;
+    write_hf_into(model, weights, stage)?;
+    Ok(())
+}
+
+/// [`write_hf_dir`] into an output already staged (and checked against every input) with
+/// [`crate::io::outpath::stage_output`]; commits it and returns the final directory.
+pub fn write_hf_into(model: &LoadedModel, weights: &Weights, stage: StagedDir) -> Result<PathBuf> {
+    // The directory is written as a llama checkpoint: refuse anything that is not one.
+    model.config.resolve()?;
     let mut config = model.config.clone();
     config.architectures = Some(vec!["LlamaForCausalLM".into()]);
     config.model_type = Some("llama".into());
@@ -438,8 +456,7 @@ pub fn write_hf_dir(
             serde_json::to_string_pretty(&tc)?.as_bytes(),
         )?;
     }
-    stage.commit()?;
-    Ok(())
+    stage.commit()
 }
 
 #[cfg(test)]
