@@ -123,3 +123,185 @@ fn analyze_bins_zero_is_refused_naming_the_flag() {
     assert!(e.contains("--bins"), "{e}");
     assert!(!d.path().join("out").exists());
 }
+
+// ---- Architectures accepted but not computed; untrusted sizes --------------------------
+
+/// The tiny model's config.json with `edit` applied, in a fresh copy of the model.
+fn tiny_with_config(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let m = tiny_copy(root);
+    let p = m.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+    m
+}
+
+fn load_err(m: &Path) -> String {
+    match lora_dash::io::load_model(m.to_str().unwrap()) {
+        Ok(_) => panic!("{} loaded", m.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn qwen2_smollm3_and_sliding_window_mistral_are_refused_by_key() {
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        (
+            "qwen2",
+            serde_json::json!({"model_type": "qwen2"}),
+            "`model_type`",
+        ),
+        (
+            "qwen2 class",
+            serde_json::json!({"model_type": null, "architectures": ["Qwen2ForCausalLM"]}),
+            "`model_type`",
+        ),
+        (
+            "smollm3",
+            serde_json::json!({"model_type": "smollm3"}),
+            "`no_rope_layers`",
+        ),
+        (
+            "mistral window",
+            serde_json::json!({"model_type": "mistral", "sliding_window": 64}),
+            "`sliding_window`",
+        ),
+        (
+            "llama with no_rope_layers",
+            serde_json::json!({"no_rope_layers": [1, 0]}),
+            "`no_rope_layers`",
+        ),
+    ];
+    for (what, patch, needle) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let m = tiny_with_config(d.path(), |v| {
+            for (k, x) in patch.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+        });
+        let e = load_err(&m);
+        assert!(e.contains(needle), "{what}: {e}");
+    }
+}
+
+#[test]
+fn mistral_without_an_effective_window_computes_as_llama() {
+    let d = tempfile::tempdir().unwrap();
+    let base = lora_dash::io::load_model(golden("tiny-llama").to_str().unwrap()).unwrap();
+    for window in [
+        serde_json::Value::Null,
+        serde_json::json!(128),
+        serde_json::json!(4096),
+    ] {
+        let m = tiny_with_config(&d.path().join(window.to_string()), |v| {
+            v["model_type"] = "mistral".into();
+            v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+            v["sliding_window"] = window.clone();
+        });
+        let loaded = lora_dash::io::load_model(m.to_str().unwrap()).unwrap();
+        assert_eq!(
+            loaded.config.resolve().unwrap(),
+            base.config.resolve().unwrap()
+        );
+    }
+}
+
+#[test]
+fn unknown_architectures_are_refused() {
+    for (mt, arch) in [("bert", "BertForMaskedLM"), ("gpt2", "GPT2LMHeadModel")] {
+        let mut c = lora_dash::io::load_model(golden("tiny-llama").to_str().unwrap())
+            .unwrap()
+            .config;
+        c.model_type = Some(mt.into());
+        c.architectures = Some(vec![arch.into()]);
+        assert!(
+            matches!(c.resolve(), Err(Error::UnknownArchitecture(_))),
+            "{mt}"
+        );
+        // A llama model_type with a class that is not a llama causal LM.
+        c.model_type = Some("llama".into());
+        c.architectures = Some(vec!["LlamaForSequenceClassification".into()]);
+        assert!(matches!(c.resolve(), Err(Error::UnknownArchitecture(_))));
+    }
+}
+
+#[test]
+fn huge_sizes_in_config_are_errors_not_aborts() {
+    let big: [(&str, serde_json::Value, &str); 7] = [
+        (
+            "num_hidden_layers",
+            1_000_000_000_000u64.into(),
+            "num_hidden_layers",
+        ),
+        (
+            "num_hidden_layers",
+            1_000_000_000_000_000_000u64.into(),
+            "num_hidden_layers",
+        ),
+        ("num_hidden_layers", 3.into(), "hold 2 layers"),
+        (
+            "hidden_size",
+            1_000_000_000_000_000_000u64.into(),
+            "hidden_size",
+        ),
+        ("vocab_size", u64::MAX.into(), "vocab_size"),
+        (
+            "intermediate_size",
+            1_000_000_000_000u64.into(),
+            "num_hidden_layers",
+        ),
+        ("vocab_size", 385.into(), "vocab_size"),
+    ];
+    for (key, v, needle) in big {
+        let d = tempfile::tempdir().unwrap();
+        let m = tiny_with_config(d.path(), |c| c[key] = v.clone());
+        let e = load_err(&m);
+        assert!(e.contains(needle), "{key}={v}: {e}");
+    }
+    // Non-finite or non-positive numerics.
+    for (key, v) in [("rms_norm_eps", 0.0), ("rope_theta", -1.0)] {
+        let d = tempfile::tempdir().unwrap();
+        let m = tiny_with_config(d.path(), |c| c[key] = v.into());
+        assert!(load_err(&m).contains(key));
+    }
+}
+
+#[test]
+fn checkpoint_tensors_the_model_does_not_use_are_refused() {
+    use candle_core::{Device, Tensor};
+    let cases: [(&str, Vec<usize>, &str); 3] = [
+        (
+            "model.layers.0.self_attn.q_proj.bias",
+            vec![64],
+            "not used by the model (attention_bias is false)",
+        ),
+        (
+            "model.layers.2.input_layernorm.weight",
+            vec![64],
+            "hold 3 layers",
+        ),
+        ("score.weight", vec![2, 64], "`score.weight`"),
+    ];
+    for (name, shape, needle) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let m = tiny_copy(d.path());
+        let st = m.join("model.safetensors");
+        let mut w = lora_dash::io::Weights::load_safetensors(&st).unwrap();
+        w.insert(
+            name,
+            Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        w.save_safetensors(&st, None).unwrap();
+        let e = load_err(&m);
+        assert!(e.contains(needle), "{name}: {e}");
+    }
+    // A missing lm_head in an untied model is an error, not a silent tie.
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny_copy(d.path());
+    let st = m.join("model.safetensors");
+    let mut w = lora_dash::io::Weights::load_safetensors(&st).unwrap();
+    w.remove("lm_head.weight");
+    w.save_safetensors(&st, None).unwrap();
+    assert!(load_err(&m).contains("lm_head.weight"));
+}

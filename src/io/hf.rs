@@ -257,6 +257,7 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
             format!("no model.safetensors or {INDEX_FILE}"),
         ));
     }
+    check_loaded(&config, &weights)?;
     let tokenizer = load_tokenizer_dir(dir, &config)?;
     Ok(LoadedModel {
         config,
@@ -265,6 +266,17 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
         path: dir.to_path_buf(),
         kind: SourceKind::HfDir,
     })
+}
+
+/// Checks a model as read from disk before anything is built from it: a LLaMA-family
+/// config must resolve and match the tensors present (`LlamaConfig::check_weights`).
+/// Architectures this resolver does not know are left to the loader that handles them.
+pub fn check_loaded(config: &HfConfig, weights: &Weights) -> Result<()> {
+    match config.resolve() {
+        Ok(c) => c.check_weights(weights),
+        Err(Error::UnknownArchitecture(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A token given in `tokenizer_config.json` as a string or as an `AddedToken` object.
