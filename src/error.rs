@@ -48,6 +48,37 @@ pub enum Error {
     #[error("output {0} already exists; pass --overwrite to replace it")]
     OutputExists(PathBuf),
 
+    /// An output path that is, contains, or lies inside one of the command's inputs:
+    /// replacing it would destroy the input.
+    #[error(
+        "--out `{}` {relation} the {flag} input `{}`; choose an output outside every input",
+        out.display(),
+        input.display()
+    )]
+    OutputOverlapsInput {
+        out: PathBuf,
+        relation: &'static str,
+        flag: String,
+        input: PathBuf,
+    },
+
+    /// An existing output that `--overwrite` must not replace (it is not an earlier output
+    /// of the same command).
+    #[error("--out `{}`: {reason}; refusing to replace it (remove it yourself or choose another --out)", path.display())]
+    OutputNotReplaceable { path: PathBuf, reason: String },
+
+    #[error(
+        "tensor `{name}`{} holds {count} non-finite value(s) (first: {value} at flat index {index})",
+        from.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
+    )]
+    NonFiniteTensor {
+        name: String,
+        from: Option<PathBuf>,
+        count: usize,
+        index: usize,
+        value: f32,
+    },
+
     #[error("trainable tensor `{0}` received no gradient")]
     NoGradient(String),
 
@@ -91,6 +122,26 @@ impl Error {
     }
 }
 
+/// Longest excerpt of file content an error message quotes.
+pub const QUOTE_LIMIT: usize = 200;
+
+/// `text` cut to about [`QUOTE_LIMIT`] characters (on a character boundary, with the number
+/// of characters left out), so that an error quoting a corrupt file stays readable.
+pub fn clip(text: &str) -> String {
+    clip_to(text, QUOTE_LIMIT)
+}
+
+/// [`clip`] with an explicit limit in characters.
+pub fn clip_to(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        None => text.to_string(),
+        Some((cut, _)) => {
+            let left = text[cut..].chars().count();
+            format!("{}… ({left} more characters)", &text[..cut])
+        }
+    }
+}
+
 /// Adds the path to an I/O result.
 pub trait IoContext<T> {
     fn at(self, path: impl AsRef<std::path::Path>) -> Result<T>;
@@ -99,5 +150,20 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl AsRef<std::path::Path>) -> Result<T> {
         self.map_err(|e| Error::io(path.as_ref(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_content_is_cut_to_a_readable_length() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let c = clip(&long);
+        assert!(c.starts_with(&"é".repeat(QUOTE_LIMIT)));
+        assert!(c.ends_with("(800 more characters)"), "{c}");
+        assert_eq!(clip_to("abcdef", 3), "abc… (3 more characters)");
     }
 }

@@ -9,7 +9,8 @@ use candle_core::{Device, Tensor};
 use clap::{ArgGroup, Args};
 
 use crate::error::{Error, Result};
-use crate::io::atomic::{write_file, StagedDir};
+use crate::io::atomic::write_file;
+use crate::io::outpath::{check_output, stage_output};
 use crate::io::weights::save_tensors;
 use crate::tsd::analysis::{analyze, load_deltas, Analysis, DeltaSource, Spectra};
 use crate::tsd::plots::{
@@ -20,6 +21,8 @@ use crate::tsd::svd::{default_cache_dir, SvdCache};
 pub const ANALYSIS_FILE: &str = "analysis.json";
 pub const LAYERS_FILE: &str = "layers.csv";
 pub const SPECTRA_FILE: &str = "spectra.safetensors";
+/// What an earlier `analyze` output holds: `--overwrite` replaces only such a directory.
+const OUTPUT_MARKERS: &[&str] = &[ANALYSIS_FILE];
 /// Layers drawn one by one when `--plot-layers` is not given.
 const DEFAULT_PLOTS: usize = 4;
 
@@ -91,10 +94,24 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
         ),
         None => None,
     };
-    if args.out.exists() && !args.overwrite {
-        return Err(Error::OutputExists(args.out.clone()));
+    if args.bins == 0 {
+        return Err(Error::config("bins", "--bins must be at least 1"));
     }
+    let mut inputs: Vec<(&str, PathBuf)> = vec![("--model", PathBuf::from(&args.model))];
+    let paths = [
+        ("--adapter", args.adapter.clone()),
+        ("--finetuned", args.finetuned.as_ref().map(PathBuf::from)),
+        ("--compare-adapter", args.compare_adapter.clone()),
+        (
+            "--compare-finetuned",
+            args.compare_finetuned.as_ref().map(PathBuf::from),
+        ),
+    ];
+    inputs.extend(paths.into_iter().filter_map(|(f, p)| p.map(|p| (f, p))));
+    let refs: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    check_output(&args.out, args.overwrite, &refs, OUTPUT_MARKERS)?;
     let loaded = crate::io::load_model(&args.model)?;
+    inputs.push(("--model", loaded.path.clone()));
     // The base is built with the head the adapter was trained with, so module paths agree
     // (`bert.encoder…` under a sequence head).
     let head = match &source {
@@ -149,7 +166,8 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
     )?;
     bar.finish_and_clear();
 
-    let stage = StagedDir::new(&args.out, args.overwrite)?;
+    let refs: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    let stage = stage_output(&args.out, args.overwrite, &refs, OUTPUT_MARKERS)?;
     write_file(
         &stage.join(ANALYSIS_FILE),
         serde_json::to_string_pretty(&analysis)?.as_bytes(),

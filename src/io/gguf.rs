@@ -9,6 +9,8 @@
 //! `(out, in)` shapes, dequantises to f32 and undoes the Q/K row permutation that
 //! `convert_hf_to_gguf.py` applies for rotary embeddings.
 
+#[cfg(test)]
+mod checks_tests;
 mod header;
 mod quants;
 #[cfg(test)]
@@ -128,16 +130,25 @@ impl TensorInfo {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
 
-    pub fn n_elements(&self) -> u64 {
-        self.dims.iter().product()
+    /// Number of elements, or None when the product of the dims overflows.
+    pub fn checked_elements(&self) -> Option<u64> {
+        self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
     }
 
-    /// Bytes of data, or None when the type is unknown or the dims do not fit its blocks.
+    /// Number of elements (saturating; see [`TensorInfo::checked_elements`]).
+    pub fn n_elements(&self) -> u64 {
+        self.checked_elements().unwrap_or(u64::MAX)
+    }
+
+    /// Bytes of data, or None when the type is unknown, the dims do not fit its blocks or
+    /// the size overflows.
     pub fn n_bytes(&self) -> Option<u64> {
         let (blk, size) = self.ggml_type.block_layout()?;
-        let n = self.n_elements();
-        n.is_multiple_of(blk as u64)
-            .then(|| n / blk as u64 * size as u64)
+        let n = self.checked_elements()?;
+        if !n.is_multiple_of(blk as u64) {
+            return None;
+        }
+        (n / blk as u64).checked_mul(size as u64)
     }
 }
 
@@ -203,6 +214,22 @@ impl GgufFile {
                 format!("tensor `{}` data lies past the end of the file", info.name),
             )),
         }
+    }
+
+    /// Checks every tensor before any is read: a unique name, a type this reader knows,
+    /// dims that fit its blocks, and data lying within the file.
+    pub fn check_tensors(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        for info in &self.tensors {
+            if !seen.insert(info.name.as_str()) {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor `{}` appears twice", crate::error::clip(&info.name)),
+                ));
+            }
+            self.tensor_bytes(info)?;
+        }
+        Ok(())
     }
 
     /// The tensor dequantised to f32 in its row-major shape.
@@ -303,6 +330,43 @@ fn required_usize(g: &GgufFile, key: &str) -> Result<usize> {
     })
 }
 
+/// The tokenizer's vocabulary must fit the model's, and the special token ids given in the
+/// metadata must lie inside both.
+fn check_token_ids(g: &GgufFile, vocab: usize) -> Result<()> {
+    let n_tokens = g
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.as_array())
+        .map(|a| a.len());
+    if let Some(n) = n_tokens.filter(|&n| n > vocab) {
+        return Err(Error::format(
+            g.path(),
+            format!("metadata `tokenizer.ggml.tokens` holds {n} tokens, more than the vocabulary of {vocab}"),
+        ));
+    }
+    let limit = n_tokens.unwrap_or(vocab).min(vocab);
+    for key in [
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.unknown_token_id",
+    ] {
+        let Some(v) = g.get(key) else { continue };
+        match v.as_u64() {
+            Some(id) if id < limit as u64 => {}
+            _ => {
+                return Err(Error::format(
+                    g.path(),
+                    format!(
+                        "metadata `{key}` ({}) is not a token id of the vocabulary of {limit}",
+                        crate::error::clip(&format!("{v:?}"))
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds the Hugging Face config of a llama GGUF from its metadata.
 pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
     let arch = g
@@ -352,6 +416,7 @@ pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
                 .and_then(|t| t.dims.get(1).map(|&d| d as usize))
         })
         .ok_or_else(|| Error::format(g.path(), "cannot tell the vocabulary size"))?;
+    check_token_ids(g, vocab)?;
     let rope_scaling = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
         None | Some("none") => None,
         Some(t) => Some(serde_json::json!({
@@ -391,7 +456,7 @@ pub fn hf_config(g: &GgufFile) -> Result<HfConfig> {
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
         pad_token_id: id("tokenizer.ggml.padding_token_id"),
-        torch_dtype: None,
+        ..Default::default()
     })
 }
 
@@ -402,8 +467,22 @@ pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
     let mut w = Weights::new(Some(g.path().to_path_buf()));
     for info in &g.tensors {
         let Some(name) = hf_tensor_name(&info.name) else {
-            continue;
+            // e.g. `rope_freqs.weight` (llama-3 RoPE scaling): dropping it would change
+            // what the model computes.
+            return Err(Error::format(
+                g.path(),
+                format!(
+                    "tensor `{}` has no Hugging Face LLaMA counterpart; the model would not use it",
+                    crate::error::clip(&info.name)
+                ),
+            ));
         };
+        if w.contains(&name) {
+            return Err(Error::format(
+                g.path(),
+                format!("tensor `{}` appears twice (as `{name}`)", info.name),
+            ));
+        }
         let mut t = g.tensor_f32(info)?;
         let n_head = if name.contains(".self_attn.q_proj.") {
             Some(heads)
@@ -415,7 +494,12 @@ pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
         if let Some(n_head) = n_head {
             // weight (out, in) or bias (out,): rows are the out features.
             let shape = t.dims().to_vec();
-            let rows = shape[0];
+            let Some(&rows) = shape.first() else {
+                return Err(Error::format(
+                    g.path(),
+                    format!("tensor `{}` has no dimensions", info.name),
+                ));
+            };
             let cols = shape.iter().skip(1).product::<usize>();
             let data = unpermute_qk(&t.flatten_all()?.to_vec1::<f32>()?, rows, cols, n_head)
                 .map_err(|e| Error::format(g.path(), format!("tensor `{}`: {e}", info.name)))?;
@@ -431,6 +515,9 @@ pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
     let config = hf_config(&g)?;
+    // Config errors (sizes, unsupported features) before any tensor is read.
+    let resolved = config.resolve()?;
+    g.check_tensors()?;
     let tokenizer = match crate::io::gguf_tokenizer::load_tokenizer(&g.metadata) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -439,6 +526,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         }
     };
     let weights = hf_weights(&g, &config)?;
+    resolved.check_weights(&weights)?;
     Ok(LoadedModel {
         config_json: serde_json::to_value(&config)?,
         config,

@@ -259,6 +259,7 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
             format!("no model.safetensors or {INDEX_FILE}"),
         ));
     }
+    check_loaded(&config, &weights)?;
     let tokenizer = load_tokenizer_dir(dir, &config)?;
     Ok(LoadedModel {
         config,
@@ -268,6 +269,17 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
         path: dir.to_path_buf(),
         kind: SourceKind::HfDir,
     })
+}
+
+/// Checks a model as read from disk before anything is built from it: a LLaMA-family
+/// config must resolve and match the tensors present (`LlamaConfig::check_weights`).
+/// Architectures this resolver does not know are left to the loader that handles them.
+pub fn check_loaded(config: &HfConfig, weights: &Weights) -> Result<()> {
+    match config.resolve() {
+        Ok(c) => c.check_weights(weights),
+        Err(Error::UnknownArchitecture(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A token given in `tokenizer_config.json` as a string or as an `AddedToken` object.
@@ -372,16 +384,35 @@ pub fn load_tokenizer_dir(dir: &Path, config: &HfConfig) -> Result<Option<TextTo
     }))
 }
 
+/// Marker of an earlier Hugging Face directory output: `--overwrite` replaces only those.
+pub const HF_OUTPUT_MARKERS: &[&str] = &["config.json"];
+
 /// Writes `weights` (with `model`'s config and tokenizer) as a Hugging Face directory that
 /// transformers loads: `config.json`, f32 `model.safetensors` (without `lm_head.weight` when
 /// the embeddings are tied), and `tokenizer.json` + `tokenizer_config.json` when there is a
-/// tokenizer. The directory appears whole or not at all.
+/// tokenizer. The directory appears whole or not at all, and `out` must stay clear of the
+/// model it was loaded from (see [`crate::io::outpath`]).
 pub fn write_hf_dir(
     model: &LoadedModel,
     weights: &Weights,
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
+    let stage = crate::io::outpath::stage_output(
+        out,
+        overwrite,
+        &[("--model", &model.path)],
+        HF_OUTPUT_MARKERS,
+    )?;
+    write_hf_into(model, weights, stage)?;
+    Ok(())
+}
+
+/// [`write_hf_dir`] into an output already staged (and checked against every input) with
+/// [`crate::io::outpath::stage_output`]; commits it and returns the final directory.
+pub fn write_hf_into(model: &LoadedModel, weights: &Weights, stage: StagedDir) -> Result<PathBuf> {
+    // The directory is written as a llama checkpoint: refuse anything that is not one.
+    model.config.resolve()?;
     let mut config = model.config.clone();
     config.architectures = Some(vec!["LlamaForCausalLM".into()]);
     config.model_type = Some("llama".into());
@@ -392,7 +423,7 @@ pub fn write_hf_dir(
         // Unset optional fields are left out rather than written as null.
         m.retain(|_, v| !v.is_null());
     }
-    write_hf_dir_with_config(model, &cv, weights, out, overwrite)
+    write_hf_into_with_config(model, &cv, weights, stage)
 }
 
 /// [`write_hf_dir`] with the `config.json` given (any architecture). `lm_head.weight` is left
@@ -404,7 +435,23 @@ pub fn write_hf_dir_with_config(
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let stage = StagedDir::new(out, overwrite)?;
+    let stage = crate::io::outpath::stage_output(
+        out,
+        overwrite,
+        &[("--model", &model.path)],
+        HF_OUTPUT_MARKERS,
+    )?;
+    write_hf_into_with_config(model, cv, weights, stage)?;
+    Ok(())
+}
+
+/// [`write_hf_dir_with_config`] into an already staged output; commits it.
+pub fn write_hf_into_with_config(
+    model: &LoadedModel,
+    cv: &Value,
+    weights: &Weights,
+    stage: StagedDir,
+) -> Result<PathBuf> {
     write_file(
         &stage.join("config.json"),
         serde_json::to_string_pretty(cv)?.as_bytes(),
@@ -455,8 +502,7 @@ pub fn write_hf_dir_with_config(
             serde_json::to_string_pretty(&tc)?.as_bytes(),
         )?;
     }
-    stage.commit()?;
-    Ok(())
+    stage.commit()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod dash;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
+pub mod outpath;
 pub mod peft;
 pub mod tokenizer;
 pub mod weights;

@@ -92,6 +92,14 @@ impl Weights {
         Ok(())
     }
 
+    /// Refuses weights holding NaN or ±inf: the error names the first such tensor and the
+    /// file the weights came from.
+    pub fn check_finite(&self) -> Result<()> {
+        self.tensors
+            .iter()
+            .try_for_each(|(name, t)| check_finite_in(name, t, self.origin.as_deref()))
+    }
+
     pub fn load_safetensors(path: &Path) -> Result<Weights> {
         let mut w = Weights::new(Some(path.to_path_buf()));
         Weights::read_safetensors(path, &mut w)?;
@@ -110,6 +118,53 @@ impl Weights {
             metadata,
         )
     }
+}
+
+/// Refuses a tensor holding NaN or ±inf, naming it. Integer tensors always pass.
+pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    check_finite_in(name, t, None)
+}
+
+fn check_finite_in(name: &str, t: &Tensor, from: Option<&Path>) -> Result<()> {
+    let bad = match t.dtype() {
+        DType::F64 => first_bad(&t.flatten_all()?.to_vec1::<f64>()?, |x| {
+            (x.is_finite(), x as f32)
+        }),
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let t = t
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?;
+            let (storage, layout) = t.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                    first_bad(&v[a..b], |x| (x.is_finite(), x))
+                }
+                _ => first_bad(&t.flatten_all()?.to_vec1::<f32>()?, |x| (x.is_finite(), x)),
+            }
+        }
+        _ => None,
+    };
+    match bad {
+        None => Ok(()),
+        Some((count, index, value)) => Err(Error::NonFiniteTensor {
+            name: name.to_string(),
+            from: from.map(Path::to_path_buf),
+            count,
+            index,
+            value,
+        }),
+    }
+}
+
+/// (number of non-finite values, index of the first, its value), None when all are finite.
+fn first_bad<T: Copy>(v: &[T], test: impl Fn(T) -> (bool, f32)) -> Option<(usize, usize, f32)> {
+    if v.iter().all(|&x| test(x).0) {
+        return None;
+    }
+    let mut bad = v.iter().enumerate().filter(|(_, &x)| !test(x).0);
+    let (index, &first) = bad.next()?;
+    Some((bad.count() + 1, index, test(first).1))
 }
 
 fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
@@ -179,4 +234,43 @@ fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
     let n = std::mem::size_of_val(v);
     // SAFETY: plain-old-data numeric slice reinterpreted as bytes.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) }.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_refused_naming_tensor_and_file() {
+        let mut w = Weights::new(Some(PathBuf::from("adapter_model.safetensors")));
+        w.insert("a", Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap());
+        w.insert("ids", Tensor::new(&[1u32, 2], &Device::Cpu).unwrap());
+        w.check_finite().unwrap();
+        for (bad, shown) in [
+            (f32::NAN, "NaN"),
+            (f32::INFINITY, "inf"),
+            (f32::NEG_INFINITY, "-inf"),
+        ] {
+            let t = Tensor::new(&[[0f32, 1.0], [bad, bad]], &Device::Cpu).unwrap();
+            for t in [t.clone(), t.t().unwrap(), t.to_dtype(DType::BF16).unwrap()] {
+                let mut w = w.clone();
+                w.insert("b.lora_A.weight", t);
+                let e = w.check_finite().unwrap_err().to_string();
+                assert!(
+                    e.contains("`b.lora_A.weight` in adapter_model.safetensors")
+                        && e.contains("2 non-finite")
+                        && e.contains(shown),
+                    "{e}"
+                );
+            }
+        }
+        let t = Tensor::new(&[1f64, 1e300, f64::NAN], &Device::Cpu).unwrap();
+        let e = check_finite("x", &t).unwrap_err().to_string();
+        assert!(
+            e.contains("`x` holds 1 non-finite") && e.contains("index 2"),
+            "{e}"
+        );
+        // A large finite f64 is finite, even though it does not fit in f32.
+        check_finite("y", &Tensor::new(&[1e300f64], &Device::Cpu).unwrap()).unwrap();
+    }
 }

@@ -4,8 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -41,13 +40,25 @@ impl Svd {
     }
 }
 
-/// Thin SVD of a 2-D f32 tensor, with `threads` worker threads (1 = sequential).
+/// Thin SVD of a 2-D f32 tensor, with `threads` worker threads (1 = sequential). An empty
+/// or non-finite matrix is an error (faer's result would be meaningless).
 pub fn thin_svd(w: &Tensor, threads: usize) -> Result<Svd> {
     let (m, n) = w.dims2()?;
+    if m == 0 || n == 0 {
+        return Err(Error::msg(format!(
+            "cannot take the SVD of a ({m}, {n}) matrix"
+        )));
+    }
     let data: Vec<f32> = w
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1()?;
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        return Err(Error::msg(format!(
+            "cannot take the SVD of a matrix holding {} at index {i}",
+            data[i]
+        )));
+    }
     let mat = faer::Mat::<f32>::from_fn(m, n, |i, j| data[i * n + j]);
     let par = if threads <= 1 {
         faer::Par::Seq
@@ -110,7 +121,21 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     })
 }
 
-/// SVDs on disk, one safetensors file per weight content hash.
+/// Metadata keys of a cache entry: the weight's hash and a checksum of the stored SVD.
+const META_WEIGHT: &str = "weight_sha256";
+const META_CHECKSUM: &str = "svd_sha256";
+
+/// SHA-256 over the shapes and f32 contents of an SVD's factors, hex.
+fn svd_checksum(u: &Tensor, sigma: &Tensor, v: &Tensor) -> Result<String> {
+    let mut h = Sha256::new();
+    for t in [u, sigma, v] {
+        h.update(weight_hash(t)?.as_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// SVDs on disk, one safetensors file per weight content hash, each stored with a checksum
+/// that is verified on read: a corrupt or foreign entry is recomputed and overwritten.
 #[derive(Debug, Clone)]
 pub struct SvdCache {
     dir: Option<PathBuf>,
@@ -125,7 +150,8 @@ impl SvdCache {
         SvdCache { dir: None }
     }
 
-    fn file(&self, hash: &str) -> Option<PathBuf> {
+    /// The cache file of a weight hash (None when the cache is disabled).
+    pub fn file(&self, hash: &str) -> Option<PathBuf> {
         self.dir
             .as_ref()
             .map(|d| d.join(format!("{hash}.safetensors")))
@@ -133,23 +159,30 @@ impl SvdCache {
 
     /// The cached SVD of `w`, or a fresh one (then stored). Returns whether it was cached.
     pub fn get_or_compute(&self, w: &Tensor, threads: usize) -> Result<(Svd, bool)> {
+        let (m, n) = w.dims2()?;
         let hash = weight_hash(w)?;
         if let Some(path) = self.file(&hash) {
             if path.exists() {
-                if let Ok(svd) = read(&path, w.dims()) {
-                    return Ok((svd, true));
+                match read(&path, &hash, m, n) {
+                    Ok(svd) => return Ok((svd, true)),
+                    Err(e) => eprintln!("note: SVD cache entry recomputed: {e}"),
                 }
             }
         }
         let svd = thin_svd(w, threads)?;
         if let (Some(dir), Some(path)) = (&self.dir, self.file(&hash)) {
-            // A cache that cannot be written only costs time.
+            // A cache that cannot be written only costs time; the write is atomic, so a
+            // full disk never leaves a truncated entry.
             if std::fs::create_dir_all(dir).is_ok() {
                 let s = Tensor::from_vec(svd.sigma.clone(), svd.k(), &Device::Cpu)?;
+                let meta = HashMap::from([
+                    (META_WEIGHT.to_string(), hash.clone()),
+                    (META_CHECKSUM.to_string(), svd_checksum(&svd.u, &s, &svd.v)?),
+                ]);
                 let _ = save_tensors(
                     [("u", &svd.u), ("sigma", &s), ("v", &svd.v)].into_iter(),
                     &path,
-                    None,
+                    Some(meta),
                 );
             }
         }
@@ -157,66 +190,182 @@ impl SvdCache {
     }
 }
 
-fn read(path: &Path, dims: &[usize]) -> Result<Svd> {
+/// Reads and verifies a cache entry for an (m, n) weight of hash `hash`.
+fn read(path: &Path, hash: &str, m: usize, n: usize) -> Result<Svd> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get(META_WEIGHT).map(String::as_str) != Some(hash) {
+        return Err(Error::format(path, "entry belongs to another weight"));
+    }
     let w = Weights::load_safetensors(path)?;
-    let (m, n) = (dims[0], dims[1]);
     let k = m.min(n);
+    let (u, s, v) = (
+        w.get_shaped("u", &[m, k])?,
+        w.get_shaped("sigma", &[k])?,
+        w.get_shaped("v", &[n, k])?,
+    );
+    if meta.get(META_CHECKSUM) != Some(&svd_checksum(&u, &s, &v)?) {
+        return Err(Error::format(path, "checksum mismatch"));
+    }
     Ok(Svd {
-        u: w.get_shaped("u", &[m, k])?,
-        sigma: w.get_shaped("sigma", &[k])?.to_vec1()?,
-        v: w.get_shaped("v", &[n, k])?,
+        u,
+        sigma: s.to_vec1()?,
+        v,
     })
 }
 
 type Slots = HashMap<String, std::result::Result<Arc<Svd>, String>>;
 
-/// SVDs of named weights computed on a background thread, in order.
+/// What the background thread shares with the waiters.
+#[derive(Default)]
+struct Shared {
+    slots: Slots,
+    /// The thread has ended (normally, by a panic, or cancelled): nothing more will come.
+    finished: bool,
+    cancel: bool,
+}
+
+/// Marks the work finished when the thread ends, however it ends.
+struct FinishGuard(Arc<(Mutex<Shared>, Condvar)>);
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.0;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).finished = true;
+        cv.notify_all();
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// SVDs of named weights computed on a background thread, in order. A job that fails or
+/// panics is reported by [`SvdPrefetch::wait`] as an error; waiting never hangs. Dropping
+/// the prefetch stops the thread after its current job and joins it.
 pub struct SvdPrefetch {
-    state: Arc<(Mutex<Slots>, Condvar)>,
+    state: Arc<(Mutex<Shared>, Condvar)>,
+    names: std::collections::BTreeSet<String>,
+    handle: Option<std::thread::JoinHandle<()>>,
     pub cached_hits: Arc<Mutex<usize>>,
 }
 
 impl SvdPrefetch {
-    /// Starts computing the SVD of every `(name, weight)` on one background thread.
+    /// Starts computing the SVD of every `(name, weight)` on one background thread,
+    /// through `cache`.
     pub fn start(weights: Vec<(String, Tensor)>, cache: SvdCache) -> Self {
-        let state: Arc<(Mutex<Slots>, Condvar)> =
-            Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
         let hits = Arc::new(Mutex::new(0usize));
-        let st = state.clone();
         let h2 = hits.clone();
-        std::thread::spawn(move || {
-            for (name, w) in weights {
-                let r = cache.get_or_compute(&w, 1).map_err(|e| e.to_string());
-                if let Ok((_, true)) = &r {
-                    *h2.lock().expect("svd hit counter") += 1;
-                }
-                let (lock, cv) = &*st;
-                lock.lock()
-                    .expect("svd slots")
-                    .insert(name, r.map(|x| Arc::new(x.0)));
-                cv.notify_all();
+        Self::start_with(weights, move |_, w| {
+            let (svd, hit) = cache.get_or_compute(w, 1)?;
+            if hit {
+                *h2.lock().unwrap_or_else(PoisonError::into_inner) += 1;
             }
-        });
+            Ok(svd)
+        })
+        .with_hits(hits)
+    }
+
+    fn with_hits(mut self, hits: Arc<Mutex<usize>>) -> Self {
+        self.cached_hits = hits;
+        self
+    }
+
+    /// [`SvdPrefetch::start`] with any SVD function (tests inject failures through it).
+    pub fn start_with(
+        weights: Vec<(String, Tensor)>,
+        svd: impl Fn(&str, &Tensor) -> Result<Svd> + Send + 'static,
+    ) -> Self {
+        let state: Arc<(Mutex<Shared>, Condvar)> = Arc::default();
+        let names: std::collections::BTreeSet<String> =
+            weights.iter().map(|(n, _)| n.clone()).collect();
+        let st = state.clone();
+        let handle = std::thread::Builder::new()
+            .name("svd-prefetch".into())
+            .spawn(move || {
+                let _guard = FinishGuard(st.clone());
+                let (lock, cv) = &*st;
+                for (name, w) in weights {
+                    if lock.lock().unwrap_or_else(PoisonError::into_inner).cancel {
+                        return;
+                    }
+                    let r =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svd(&name, &w)));
+                    let r = match r {
+                        Ok(Ok(s)) => Ok(Arc::new(s)),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
+                    };
+                    lock.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .slots
+                        .insert(name, r);
+                    cv.notify_all();
+                }
+            });
+        let handle = match handle {
+            Ok(h) => Some(h),
+            Err(e) => {
+                // No thread: every wait reports why.
+                let mut s = state.0.lock().unwrap_or_else(PoisonError::into_inner);
+                s.finished = true;
+                for n in &names {
+                    s.slots.insert(
+                        n.clone(),
+                        Err(format!("could not start the SVD thread: {e}")),
+                    );
+                }
+                drop(s);
+                None
+            }
+        };
         SvdPrefetch {
             state,
-            cached_hits: hits,
+            names,
+            handle,
+            cached_hits: Arc::new(Mutex::new(0)),
         }
     }
 
-    /// Blocks until the SVD of `name` is ready.
+    /// Blocks until the SVD of `name` is ready; an error when it failed, panicked, was
+    /// never requested, or the thread ended without it.
     pub fn wait(&self, name: &str) -> Result<Arc<Svd>> {
+        if !self.names.contains(name) {
+            return Err(Error::msg(format!("SVD of `{name}` was never requested")));
+        }
         let (lock, cv) = &*self.state;
-        let mut slots = lock.lock().expect("svd slots");
+        let mut s = lock.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(r) = slots.get(name) {
+            if let Some(r) = s.slots.get(name) {
                 return r
                     .clone()
                     .map_err(|e| Error::msg(format!("SVD of `{name}`: {e}")));
             }
-            slots = cv
-                .wait_timeout(slots, Duration::from_millis(200))
-                .expect("svd slots")
-                .0;
+            if s.finished {
+                return Err(Error::msg(format!(
+                    "SVD of `{name}`: the background SVD thread ended without computing it"
+                )));
+            }
+            s = cv.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for SvdPrefetch {
+    fn drop(&mut self) {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cancel = true;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }
@@ -258,5 +407,84 @@ mod tests {
         assert_eq!(a.sigma, b.sigma);
         let p = SvdPrefetch::start(vec![("w".into(), w.clone())], cache);
         assert_eq!(p.wait("w").unwrap().sigma, a.sigma);
+    }
+
+    fn random(m: usize, n: usize, seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        Tensor::from_vec(rng.uniform_vec(m * n, -1.0, 1.0), (m, n), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn corrupt_cache_entry_is_detected_and_recomputed() {
+        let w = random(12, 8, 5);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SvdCache::new(Some(dir.path().to_path_buf()));
+        let (fresh, _) = cache.get_or_compute(&w, 1).unwrap();
+        let path = cache.file(&weight_hash(&w).unwrap()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // One flipped bit in the last stored value, a truncated file, and an entry of
+        // another weight stored under this weight's name.
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 0x01;
+        let other = {
+            let c2 = SvdCache::new(Some(dir.path().join("other")));
+            let w2 = random(12, 8, 6);
+            c2.get_or_compute(&w2, 1).unwrap();
+            std::fs::read(c2.file(&weight_hash(&w2).unwrap()).unwrap()).unwrap()
+        };
+        for bad in [flipped, good[..good.len() / 2].to_vec(), other] {
+            std::fs::write(&path, &bad).unwrap();
+            let (svd, hit) = cache.get_or_compute(&w, 1).unwrap();
+            assert!(!hit, "a bad entry must not count as a hit");
+            assert_eq!(svd.sigma, fresh.sigma);
+            let hash = weight_hash(&w).unwrap();
+            assert!(read(&path, &hash, 12, 8).is_ok(), "entry rewritten");
+            assert!(cache.get_or_compute(&w, 1).unwrap().1);
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+    }
+
+    #[test]
+    fn failing_or_panicking_background_svd_is_an_error_not_a_hang() {
+        let jobs = vec![
+            ("ok".to_string(), random(6, 4, 1)),
+            ("fails".to_string(), random(6, 4, 2)),
+            ("panics".to_string(), random(6, 4, 3)),
+            ("after".to_string(), random(6, 4, 4)),
+        ];
+        let p = SvdPrefetch::start_with(jobs, |name, w| match name {
+            "fails" => Err(Error::msg("injected failure")),
+            "panics" => panic!("injected panic"),
+            _ => thin_svd(w, 1),
+        });
+        assert_eq!(p.wait("after").unwrap().k(), 4);
+        assert_eq!(p.wait("ok").unwrap().k(), 4);
+        let e = p.wait("fails").unwrap_err().to_string();
+        assert!(
+            e.contains("`fails`") && e.contains("injected failure"),
+            "{e}"
+        );
+        let e = p.wait("panics").unwrap_err().to_string();
+        assert!(e.contains("panicked: injected panic"), "{e}");
+        assert!(p.wait("never").is_err());
+        // Non-finite and empty weights are errors of the SVD itself.
+        let nan = Tensor::new(&[[1f32, f32::NAN], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let p = SvdPrefetch::start(
+            vec![
+                ("nan".into(), nan),
+                (
+                    "empty".into(),
+                    Tensor::zeros((0, 3), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                ),
+            ],
+            SvdCache::disabled(),
+        );
+        assert!(p.wait("nan").unwrap_err().to_string().contains("NaN"));
+        assert!(p.wait("empty").is_err());
     }
 }

@@ -127,7 +127,7 @@ pub(super) fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorI
         let v = r.value(ty, &key, 0)?;
         metadata.insert(key, v);
     }
-    let mut tensors = Vec::with_capacity(n_tensors);
+    let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16));
     for _ in 0..n_tensors {
         let name = r.string("tensor name")?;
         let n_dims = r.u32(&name)? as usize;
