@@ -112,6 +112,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
     check_output(&args.out, args.overwrite, &refs, OUTPUT_MARKERS)?;
     let loaded = crate::io::load_model(&args.model)?;
     inputs.push(("--model", loaded.path.clone()));
+    loaded.weights.check_finite()?;
     // The base is built with the head the adapter was trained with, so module paths agree
     // (`bert.encoder…` under a sequence head).
     let head = match &source {

@@ -52,6 +52,7 @@ pub fn load_with_adapter(
     head: Option<HeadSpec>,
 ) -> Result<(io::LoadedModel, Box<dyn Model>)> {
     let loaded = io::load_model(model)?;
+    loaded.weights.check_finite()?;
     let head = match (head, adapter) {
         (Some(h), _) => h,
         (None, Some(dir)) => io::dash::head_spec_of(dir)?,
@@ -65,18 +66,16 @@ pub fn load_with_adapter(
 }
 
 pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result<()> {
-    if out.exists() && !overwrite {
-        return Err(Error::OutputExists(out.to_path_buf()));
-    }
-    let (loaded, m) = load_with_adapter(model, Some(adapter), None)?;
-    let merged = m.base_weights(true)?;
-    io::hf::write_hf_dir_with_config(
-        &loaded,
-        &m.hf_config(&loaded.config_json)?,
-        &merged,
+    let stage = io::outpath::stage_output(
         out,
         overwrite,
+        &[("--model", Path::new(model)), ("--adapter", adapter)],
+        io::hf::HF_OUTPUT_MARKERS,
     )?;
+    let (loaded, m) = load_with_adapter(model, Some(adapter), None)?;
+    io::outpath::check_output_disjoint(out, &[("--model", &loaded.path)])?;
+    let merged = m.base_weights(true)?;
+    io::hf::write_hf_into_with_config(&loaded, &m.hf_config(&loaded.config_json)?, &merged, stage)?;
     println!("wrote merged model to {}", out.display());
     Ok(())
 }

@@ -86,7 +86,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let staged = args
         .out
         .as_deref()
-        .map(|o| StagedDir::new(o, args.overwrite))
+        .map(|o| stage_eval_out(o, &args))
         .transpose()?;
 
     let (loaded, model) = load_with_adapter(
@@ -197,7 +197,7 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
     let staged = args
         .out
         .as_deref()
-        .map(|o| StagedDir::new(o, args.overwrite))
+        .map(|o| stage_eval_out(o, &args))
         .transpose()?;
     let head = task.head(None, 0);
     let (loaded, model) = load_with_adapter(&args.model, args.adapter.as_deref(), Some(head))?;
@@ -295,4 +295,18 @@ fn glue_label_json(l: &crate::data::glue::GlueLabel) -> serde_json::Value {
         crate::data::glue::GlueLabel::Class(c) => serde_json::json!(c),
         crate::data::glue::GlueLabel::Score(x) => serde_json::json!(x),
     }
+}
+
+/// Marker files of an `eval --out` directory: `--overwrite` replaces only such a directory.
+pub const EVAL_MARKERS: &[&str] = &[eval::report::RESULTS_FILE, eval::report::PREDICTIONS_FILE];
+
+/// Stages `--out`, refusing one that is, holds or lies inside the model, adapter or data.
+fn stage_eval_out(out: &std::path::Path, args: &EvalArgs) -> Result<StagedDir> {
+    let model = PathBuf::from(&args.model);
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--model", model.as_path())];
+    if let Some(a) = &args.adapter {
+        inputs.push(("--adapter", a.as_path()));
+    }
+    inputs.extend(args.data.iter().map(|d| ("--data", d.as_path())));
+    crate::io::outpath::stage_output(out, args.overwrite, &inputs, EVAL_MARKERS)
 }

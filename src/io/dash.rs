@@ -130,6 +130,7 @@ pub fn load_native(model: &mut dyn Model, dir: &Path) -> Result<DashAdapterConfi
     check_task_type(model, cfg.task_type.as_deref(), &cpath)?;
     let wpath = dir.join(WEIGHTS_FILE);
     let mut w = Weights::load_safetensors(&wpath)?;
+    w.check_finite()?;
     take_heads(model, &mut w, &wpath)?;
     let scale = cfg.lora_config().scale();
     let mut attached = 0;

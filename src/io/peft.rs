@@ -272,6 +272,7 @@ pub fn load_lora(model: &mut dyn Model, dir: &Path) -> Result<PeftConfig> {
         ));
     }
     let mut w = Weights::load_safetensors(&wpath)?;
+    w.check_finite()?;
     take_heads(model, &mut w, &wpath)?;
     let mut attached = 0;
     for l in model.linears_mut() {

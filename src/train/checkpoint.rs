@@ -28,6 +28,13 @@ pub struct TrainerState {
     pub method_state: serde_json::Value,
     /// Identifies the run this checkpoint belongs to (resolved config, serialised).
     pub config_fingerprint: String,
+    /// SHA-256 of the training and evaluation files' contents: resuming on changed data
+    /// at the same paths is refused.
+    #[serde(default)]
+    pub data_hash: String,
+    /// SHA-256 over the base model's tensors.
+    #[serde(default)]
+    pub base_hash: String,
 }
 
 /// Directory name of the checkpoint after `step` optimizer steps.

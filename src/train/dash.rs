@@ -54,6 +54,22 @@ pub struct DashRuntime {
     pub state: DashState,
 }
 
+/// Refuses an `s` larger than min(out, in) of any adapted layer, naming it.
+pub fn check_s(model: &dyn Model, s: usize) -> Result<()> {
+    for l in model.linears() {
+        if l.adapter.is_some() {
+            let k = l.in_dim().min(l.out_dim());
+            if s > k {
+                return Err(Error::config(
+                    "dash_s",
+                    format!("{s} exceeds min(out, in) = {k} of `{}`", l.path),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl DashRuntime {
     /// Checks `s` against every adapted layer and starts the background SVDs.
     pub fn start(model: &dyn Model, cfg: DashConfig, cache: SvdCache) -> Result<Self> {

@@ -1,7 +1,7 @@
 //! The fine-tuning loop: micro-batches with gradient accumulation, AdamW with a warmup
 //! schedule and norm clipping, periodic validation and checkpoints, exact resume.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -80,6 +80,32 @@ pub struct Prepared {
     pub adapted: Vec<String>,
     /// The base's config and tokenizer (no weights), to write a full fine-tune out.
     pub source: io::LoadedModel,
+    /// Content hashes recorded in checkpoints (see `TrainerState`).
+    pub data_hash: String,
+    pub base_hash: String,
+}
+
+/// SHA-256 over the contents of `files`, in order.
+fn files_hash(files: &[PathBuf]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in files {
+        let bytes = std::fs::read(f).at(f)?;
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// SHA-256 over every tensor of the base (name and per-tensor content hash).
+fn weights_hash(w: &Weights) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, t) in w.iter() {
+        h.update(name.as_bytes());
+        h.update(crate::tsd::svd::weight_hash(t)?.as_bytes());
+    }
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Loads the model, attaches the adapters, reads and tokenises the data.
@@ -93,6 +119,8 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
             "no tokenizer found (tokenizer.json or GGUF tokenizer metadata is required to train)",
         )
     })?;
+    loaded.weights.check_finite()?;
+    let base_hash = weights_hash(&loaded.weights)?;
     let mut model = crate::models::load(&loaded, &task.head(cfg.classifier_dropout, cfg.seed))?;
     let source = io::LoadedModel {
         weights: Weights::new(None),
@@ -107,6 +135,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         train_on_inputs: cfg.train_on_inputs,
     };
     let examples = task.load_examples(&tokenizer, &cfg.data, opts)?;
+    check_loss_targets(&examples, &cfg.data)?;
     let (mut train, val) = split_train_val(examples, cfg.val_set_size, cfg.seed)?;
     if let Some(n) = cfg.max_records {
         train.truncate(n);
@@ -119,6 +148,18 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     } else {
         task.load_examples(&tokenizer, &cfg.eval_data, opts)?
     };
+    if let Some(d) = cfg.method.dash() {
+        crate::train::dash::check_s(model.as_ref(), d.s)?;
+        let total = cfg.total_steps(train.len());
+        if d.t >= total {
+            return Err(Error::config(
+                "dash_t",
+                format!("{} is not before the end of the run ({total} steps)", d.t),
+            ));
+        }
+    }
+    let mut hashed = cfg.data.clone();
+    hashed.extend(cfg.eval_data.iter().cloned());
     Ok(Prepared {
         model,
         task,
@@ -128,8 +169,46 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         eval,
         adapted,
         source,
+        data_hash: files_hash(&hashed)?,
+        base_hash,
     })
 }
+
+/// Causal-LM examples in which no token carries loss (a prompt past the cutoff with
+/// `train_on_inputs = false`) train on nothing: warned about with their count, an error when
+/// every example is one.
+fn check_loss_targets(examples: &[Example], files: &[PathBuf]) -> Result<()> {
+    let empty = examples
+        .iter()
+        .filter(|e| {
+            e.target.is_none()
+                && e.labels
+                    .iter()
+                    .skip(1)
+                    .all(|&l| l == crate::ops::IGNORE_INDEX)
+        })
+        .count();
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    if empty > 0 && empty == examples.len() {
+        return Err(Error::config(
+            "train_on_inputs",
+            format!(
+                "no example of {} has a token to learn from (prompts longer than cutoff_len with train_on_inputs = false?)",
+                names.join(", ")
+            ),
+        ));
+    }
+    if empty > 0 {
+        eprintln!(
+            "warning: {empty} of {} examples have no token to learn from (prompt reaches cutoff_len with train_on_inputs = false); they add nothing to the loss",
+            examples.len()
+        );
+    }
+    Ok(())
+}
+
+/// Marker files of a run directory: `--overwrite` replaces only a directory holding one.
+pub const RUN_MARKERS: &[&str] = &[CONFIG_FILE, METRICS_FILE];
 
 fn fingerprint(cfg: &TrainConfig) -> String {
     let mut c = cfg.clone();
@@ -148,19 +227,62 @@ pub fn train(cfg: &TrainConfig) -> Result<RunSummary> {
         Some(p) => Some(checkpoint::load(p)?),
         None => None,
     };
-    if resume.is_none() && cfg.out.exists() {
-        if !cfg.overwrite {
-            return Err(Error::OutputExists(cfg.out.clone()));
+    // Inputs `--out` must stay clear of, checked before anything is touched.
+    let mut inputs: Vec<(&str, PathBuf)> = vec![("--model", PathBuf::from(&cfg.model))];
+    inputs.extend(cfg.data.iter().map(|d| ("--data", d.clone())));
+    inputs.extend(cfg.eval_data.iter().map(|d| ("--eval-data", d.clone())));
+    let refs: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    match (&resume, &cfg.resume) {
+        (Some(ck), Some(src)) => {
+            crate::io::outpath::check_output_disjoint(&cfg.out, &refs)?;
+            // Resuming continues a run in place; a checkpoint of another run must not be
+            // inside the new output.
+            let inside = crate::io::outpath::resolve_path(&ck.dir)
+                .starts_with(crate::io::outpath::resolve_path(&cfg.out));
+            if !inside {
+                crate::io::outpath::check_output_disjoint(&cfg.out, &[("--resume", src)])?;
+            }
         }
-        std::fs::remove_dir_all(&cfg.out).at(&cfg.out)?;
+        _ => crate::io::outpath::check_output(&cfg.out, cfg.overwrite, &refs, RUN_MARKERS)?,
     }
     let prep = prepare(cfg)?;
-    std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
+    if let Some(ck) = &resume {
+        for (what, want, got) in [
+            ("training data", &prep.data_hash, &ck.state.data_hash),
+            ("base model", &prep.base_hash, &ck.state.base_hash),
+        ] {
+            if !got.is_empty() && got != want {
+                return Err(Error::format(
+                    &ck.dir,
+                    format!("checkpoint was written for different {what} content (hash mismatch); resume with the files the run started with"),
+                ));
+            }
+        }
+        crate::io::atomic::remove_stale_siblings(&cfg.out);
+        return run_loop(cfg, prep, resume);
+    }
+    // A fresh run into an existing output is built beside it and swapped in on success.
+    let stage = if cfg.out.symlink_metadata().is_ok() {
+        Some(StagedDir::new(&cfg.out, true)?)
+    } else {
+        crate::io::atomic::remove_stale_siblings(&cfg.out);
+        std::fs::create_dir_all(&cfg.out).at(&cfg.out)?;
+        None
+    };
+    let mut work = cfg.clone();
+    if let Some(st) = &stage {
+        work.out = st.path().to_path_buf();
+    }
     atomic::write_file(
-        &cfg.out.join(CONFIG_FILE),
+        &work.out.join(CONFIG_FILE),
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
-    run_loop(cfg, prep, resume)
+    let mut summary = run_loop(&work, prep, None)?;
+    if let Some(st) = stage {
+        st.commit()?;
+    }
+    summary.out = cfg.out.clone();
+    Ok(summary)
 }
 
 fn run_loop(
@@ -177,6 +299,8 @@ fn run_loop(
         eval,
         adapted,
         source,
+        data_hash,
+        base_hash,
     } = prep;
     let dev = model.device().clone();
     let pad_id = tokenizer.pad_or_eos();
@@ -301,13 +425,23 @@ fn run_loop(
             checked_grads = true;
         }
         let loss = loss_sum / cfg.grad_accum as f32;
+        // Steps count from 1, as in metrics.jsonl; the last checkpoint stays the last good one.
         if !loss.is_finite() {
-            return Err(Error::NonFinite { step, loss });
+            return Err(Error::NonFinite {
+                step: step + 1,
+                loss,
+            });
         }
         let grad_norm = match cfg.max_grad_norm {
             Some(m) => opt.clip_grad_norm(&grads, m)?,
             None => opt.grad_norm(&grads)?,
         };
+        if !grad_norm.is_finite() {
+            return Err(Error::msg(format!(
+                "training diverged: the gradient norm is {grad_norm} at step {} (loss {loss}); the last checkpoint is the last good state",
+                step + 1
+            )));
+        }
         opt.step(&grads, lr)?;
         drop(grads);
         step += 1;
@@ -407,6 +541,8 @@ fn run_loop(
                     None => serde_json::Value::Null,
                 },
                 config_fingerprint: fp.clone(),
+                data_hash: data_hash.clone(),
+                base_hash: base_hash.clone(),
             };
             let opt_state: Vec<(String, Tensor)> = opt.state_tensors()?;
             let mut ow = Weights::new(None);
@@ -529,6 +665,7 @@ fn vars_to_weights(vars: &[(String, Var)]) -> Weights {
 }
 
 fn restore_vars(vars: &[(String, Var)], w: &Weights) -> Result<()> {
+    w.check_finite()?;
     for (n, v) in vars {
         let t: Tensor = w.get_shaped(n, v.dims())?;
         v.set(&t)?;
