@@ -7,7 +7,9 @@ use crate::ops::reference;
 use candle_core::{Device, Var};
 
 /// One comparison: sizes, an optional key mask and bias shape, and whether q, k, v are
-/// seen through a transpose of (b, t, h, d) leaves, as a model's projections give them.
+/// strided views (a slice of the last dim of (b, n, h, d + 2) leaves, transposed to
+/// (b, h, n, d), like heads cut from a fused projection) whose output is consumed
+/// transposed back, as a model merges heads.
 struct Case<'a> {
     label: &'a str,
     dims: [usize; 5], // b, h, t, s, d
@@ -29,7 +31,7 @@ fn compare(c: Case) -> Result<()> {
     let [b, h, t, s, d] = c.dims;
     let leaf = |rows: usize, seed: u64, mul: f64| -> Result<Var> {
         let dims = if c.strided {
-            [b, rows, h, d]
+            [b, rows, h, d + 2]
         } else {
             [b, h, rows, d]
         };
@@ -38,7 +40,7 @@ fn compare(c: Case) -> Result<()> {
     let (q, k, v) = (leaf(t, 61, 2.0)?, leaf(s, 62, 1.0)?, leaf(s, 63, 1.0)?);
     let view = |x: &Var| -> Result<Tensor> {
         Ok(if c.strided {
-            x.as_tensor().transpose(1, 2)? // (b, n, h, d) -> (b, h, n, d)
+            x.as_tensor().narrow(3, 1, d)?.transpose(1, 2)? // (b, n, h, d + 2) -> (b, h, n, d)
         } else {
             x.as_tensor().clone()
         })
@@ -56,9 +58,16 @@ fn compare(c: Case) -> Result<()> {
     println!("attention {} forward max |diff| = {diff:e}", c.label);
     assert!(diff < 1e-5, "forward: {diff}");
     assert_finite("output", &y)?;
-    let proj = randn(&[b, h, t, d], 65)?;
-    let g = (y * &proj)?.sum_all()?.backward()?;
-    let g_ref = (y_ref * &proj)?.sum_all()?.backward()?;
+    let loss = |y: Tensor| -> Result<Tensor> {
+        Ok(if c.strided {
+            let y = y.transpose(1, 2)?; // (b, h, t, d) -> (b, t, h, d)
+            (y * randn(&[b, t, h, d], 65)?)?.sum_all()?
+        } else {
+            (y * randn(&[b, h, t, d], 65)?)?.sum_all()?
+        })
+    };
+    let g = loss(y)?.backward()?;
+    let g_ref = loss(y_ref)?.backward()?;
     let mut vars = vec![("dq", &q), ("dk", &k), ("dv", &v)];
     if let Some(bias) = &bias {
         vars.push(("dbias", bias));
