@@ -224,6 +224,19 @@ mod tests {
         assert!(worst_y < 3e-7, "{worst_y}");
         assert!(worst_dx < 5e-7, "{worst_dx}");
 
+        // f64 input takes the composed path (candle's f64 erf).
+        let y64 = host_f64(&gelu_erf(&x.to_dtype(DType::F64)?)?)?;
+        let worst = xs
+            .iter()
+            .zip(&y64)
+            .map(|(&x, &y)| {
+                let x = x as f64;
+                (y - 0.5 * x * (1.0 + erf_series(x / 2f64.sqrt()))).abs()
+            })
+            .fold(0.0, f64::max);
+        println!("gelu_erf (f64 input) vs f64 series max |diff| = {worst:e}");
+        assert!(worst < 1e-12, "{worst}");
+
         // candle's own f32 gelu_erf forward (libm erff).
         let d = max_rel_diff(&gelu_erf(&x)?, &x.gelu_erf()?)?;
         println!("gelu_erf vs candle gelu_erf forward max rel diff = {d:e}");

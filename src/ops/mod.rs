@@ -9,7 +9,7 @@
 //!
 //! candle 0.11 primitives checked to carry gradients (see `gradcheck` tests): `silu`, `exp`,
 //! `index_select` (embeddings), `gather`, `narrow`, `cat`, `transpose`, `broadcast_*`,
-//! `matmul`.
+//! `matmul`; `erf` (under `reference::gelu_erf`) is checked by the `gelu` tests.
 
 use candle_core::{DType, Tensor, D};
 

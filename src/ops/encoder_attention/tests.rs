@@ -4,10 +4,12 @@
 use super::*;
 use crate::ops::gradcheck::{finite_difference_check, host_f64, max_abs_diff, max_rel_diff, randn};
 use crate::ops::reference;
-use candle_core::{Device, Var};
+use candle_core::{DType, Device, Var};
 
 /// One comparison: sizes, an optional key mask and bias shape, and whether q, k, v are
-/// seen through a transpose of (b, t, h, d) leaves, as a model's projections give them.
+/// strided views (a slice of the last dim of (b, n, h, d + 2) leaves, transposed to
+/// (b, h, n, d), like heads cut from a fused projection) whose output is consumed
+/// transposed back, as a model merges heads.
 struct Case<'a> {
     label: &'a str,
     dims: [usize; 5], // b, h, t, s, d
@@ -29,7 +31,7 @@ fn compare(c: Case) -> Result<()> {
     let [b, h, t, s, d] = c.dims;
     let leaf = |rows: usize, seed: u64, mul: f64| -> Result<Var> {
         let dims = if c.strided {
-            [b, rows, h, d]
+            [b, rows, h, d + 2]
         } else {
             [b, h, rows, d]
         };
@@ -38,7 +40,7 @@ fn compare(c: Case) -> Result<()> {
     let (q, k, v) = (leaf(t, 61, 2.0)?, leaf(s, 62, 1.0)?, leaf(s, 63, 1.0)?);
     let view = |x: &Var| -> Result<Tensor> {
         Ok(if c.strided {
-            x.as_tensor().transpose(1, 2)? // (b, n, h, d) -> (b, h, n, d)
+            x.as_tensor().narrow(3, 1, d)?.transpose(1, 2)? // (b, n, h, d + 2) -> (b, h, n, d)
         } else {
             x.as_tensor().clone()
         })
@@ -56,9 +58,16 @@ fn compare(c: Case) -> Result<()> {
     println!("attention {} forward max |diff| = {diff:e}", c.label);
     assert!(diff < 1e-5, "forward: {diff}");
     assert_finite("output", &y)?;
-    let proj = randn(&[b, h, t, d], 65)?;
-    let g = (y * &proj)?.sum_all()?.backward()?;
-    let g_ref = (y_ref * &proj)?.sum_all()?.backward()?;
+    let loss = |y: Tensor| -> Result<Tensor> {
+        Ok(if c.strided {
+            let y = y.transpose(1, 2)?; // (b, h, t, d) -> (b, t, h, d)
+            (y * randn(&[b, t, h, d], 65)?)?.sum_all()?
+        } else {
+            (y * randn(&[b, h, t, d], 65)?)?.sum_all()?
+        })
+    };
+    let g = loss(y)?.backward()?;
+    let g_ref = loss(y_ref)?.backward()?;
     let mut vars = vec![("dq", &q), ("dk", &k), ("dv", &v)];
     if let Some(bias) = &bias {
         vars.push(("dbias", bias));
@@ -286,5 +295,51 @@ fn bad_shapes_are_errors() -> Result<()> {
         );
     }
     assert!(attention(&q, &k, &k, None, None, f64::NAN).is_err());
+    Ok(())
+}
+
+#[test]
+fn no_keys_at_all_outputs_zeros() -> Result<()> {
+    let q = Var::from_tensor(&randn(&[2, 3, 4, 5], 1)?)?;
+    let k = Var::from_tensor(&randn(&[2, 3, 0, 5], 2)?)?;
+    let bias = Var::from_tensor(&randn(&[1, 3, 4, 0], 3)?)?;
+    let y = attention(
+        q.as_tensor(),
+        k.as_tensor(),
+        k.as_tensor(),
+        None,
+        Some(bias.as_tensor()),
+        1.0,
+    )?;
+    assert_eq!(y.dims(), [2, 3, 4, 5]);
+    assert_eq!(y.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    let g = y.sum_all()?.backward()?;
+    let dq = g.get(&q).expect("dq");
+    assert_eq!(dq.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!(g.get(&bias).expect("dbias").dims(), [1, 3, 4, 0]);
+    Ok(())
+}
+
+#[test]
+fn f64_inputs_take_the_composed_path() -> Result<()> {
+    let mask = ragged_mask(2, 5)?;
+    let q = randn(&[2, 2, 3, 4], 91)?;
+    let k = randn(&[2, 2, 5, 4], 92)?;
+    let v = randn(&[2, 2, 5, 4], 93)?;
+    let bias = randn(&[2, 1, 3, 5], 94)?;
+    let y = attention(&q, &k, &v, Some(&mask), Some(&bias), 0.5)?;
+    let f64s = |x: &Tensor| x.to_dtype(DType::F64);
+    let y64 = attention(
+        &f64s(&q)?,
+        &f64s(&k)?,
+        &f64s(&v)?,
+        Some(&mask),
+        Some(&f64s(&bias)?),
+        0.5,
+    )?;
+    assert_eq!(y64.dtype(), DType::F64);
+    let diff = max_abs_diff(&y.to_dtype(DType::F64)?, &y64)?;
+    println!("attention f32 fused vs f64 composed max |diff| = {diff:e}");
+    assert!(diff < 1e-6, "{diff}");
     Ok(())
 }
