@@ -8,6 +8,7 @@
 pub mod adapters;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod io;

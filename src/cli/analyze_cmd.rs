@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::{ArgGroup, Args};
 
 use crate::error::{Error, Result};
@@ -255,7 +255,7 @@ fn write_spectra(sp: &Spectra, path: &Path) -> Result<()> {
         for (layer, v) in map {
             tensors.push((
                 format!("{layer}.{suffix}"),
-                Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?,
+                Tensor::from_vec(v.clone(), v.len(), &crate::device::host())?,
             ));
         }
     }

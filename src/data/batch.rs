@@ -88,7 +88,7 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
         n_tokens += n;
     }
     let n_target_tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    let dev = Device::Cpu;
+    let dev = crate::device::host();
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, t), &dev)?,
         attention_mask: Tensor::from_vec(mask, (b, t), &dev)?,
@@ -129,7 +129,7 @@ fn collate_sequences(examples: &[&Example], pad_id: u32, t: usize) -> Result<Bat
         }
         n_tokens += n;
     }
-    let dev = Device::Cpu;
+    let dev = crate::device::host();
     let labels = match (classes.len(), scores.len()) {
         (_, 0) => Tensor::from_vec(classes, b, &dev)?,
         (0, _) => Tensor::from_vec(scores, b, &dev)?,

@@ -21,7 +21,7 @@ pub(crate) mod testutil;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 pub use quants::{dequantize, GgmlType};
 
@@ -237,7 +237,11 @@ impl GgufFile {
         let bytes = self.tensor_bytes(info)?;
         let data = dequantize(info.ggml_type, bytes, info.n_elements() as usize)
             .map_err(|m| Error::format(&self.path, format!("tensor `{}`: {m}", info.name)))?;
-        Ok(Tensor::from_vec(data, info.shape(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            data,
+            info.shape(),
+            &crate::device::host(),
+        )?)
     }
 }
 
@@ -503,7 +507,7 @@ pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
             let cols = shape.iter().skip(1).product::<usize>();
             let data = unpermute_qk(&t.flatten_all()?.to_vec1::<f32>()?, rows, cols, n_head)
                 .map_err(|e| Error::format(g.path(), format!("tensor `{}`: {e}", info.name)))?;
-            t = Tensor::from_vec(data, shape, &Device::Cpu)?;
+            t = Tensor::from_vec(data, shape, &crate::device::host())?;
         }
         w.insert(name, t);
     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -132,7 +132,7 @@ fn check_finite_in(name: &str, t: &Tensor, from: Option<&Path>) -> Result<()> {
         }),
         DType::F32 | DType::F16 | DType::BF16 => {
             let t = t
-                .to_device(&Device::Cpu)?
+                .to_device(&crate::device::host())?
                 .to_dtype(DType::F32)?
                 .contiguous()?;
             let (storage, layout) = t.storage_and_layout();
@@ -184,7 +184,7 @@ fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> 
         view.data(),
         dtype,
         view.shape(),
-        &Device::Cpu,
+        &crate::device::host(),
     )?)
 }
 
@@ -197,7 +197,7 @@ pub fn save_tensors<'a>(
     use safetensors::Dtype as S;
     let mut owned: Vec<(String, Vec<u8>, S, Vec<usize>)> = Vec::new();
     for (name, t) in tensors {
-        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let t = t.to_device(&crate::device::host())?.contiguous()?;
         let (dt, bytes): (S, Vec<u8>) = match t.dtype() {
             DType::F32 => (S::F32, bytes_of(&t.flatten_all()?.to_vec1::<f32>()?)),
             DType::F16 => (S::F16, bytes_of(&t.flatten_all()?.to_vec1::<half::f16>()?)),
@@ -239,6 +239,7 @@ fn bytes_of<T: Copy>(v: &[T]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn non_finite_values_are_refused_naming_tensor_and_file() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::{Adapter, DashLayer};
@@ -121,6 +121,9 @@ impl DashRuntime {
             )?;
             let idx = top_s(&delta, &svd.sigma, self.cfg.s);
             let (u_s, v_s) = svd.columns(&idx)?;
+            // The SVD is formed on the host; the frozen directions live with the weight.
+            let dev = l.weight.device();
+            let (u_s, v_s) = (u_s.to_device(dev)?, v_s.to_device(dev)?);
             let k = svd.k();
             layers.insert(
                 l.path.clone(),
@@ -164,6 +167,9 @@ impl DashRuntime {
                 .clone();
             let svd = self.prefetch.wait(&l.path)?;
             let (u_s, v_s) = svd.columns(&idx)?;
+            // The SVD is formed on the host; the frozen directions live with the weight.
+            let dev = l.weight.device();
+            let (u_s, v_s) = (u_s.to_device(dev)?, v_s.to_device(dev)?);
             l.adapter = Some(Adapter::Dash(DashLayer::new(
                 lora,
                 u_s,
@@ -192,7 +198,7 @@ pub fn write_report(
         .map(|(k, v)| {
             Ok((
                 k.clone(),
-                Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?,
+                Tensor::from_vec(v.clone(), v.len(), &crate::device::host())?,
             ))
         })
         .collect::<Result<_>>()?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -31,7 +31,7 @@ impl Svd {
         let ids = Tensor::from_vec(
             idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             idx.len(),
-            &Device::Cpu,
+            &crate::device::host(),
         )?;
         Ok((
             self.u.index_select(&ids, 1)?.contiguous()?,
@@ -86,9 +86,9 @@ pub fn thin_svd(w: &Tensor, threads: usize) -> Result<Svd> {
     }
     let sigma: Vec<f32> = (0..k).map(|i| s[i]).collect();
     Ok(Svd {
-        u: Tensor::from_vec(ub, (m, k), &Device::Cpu)?,
+        u: Tensor::from_vec(ub, (m, k), &crate::device::host())?,
         sigma,
-        v: Tensor::from_vec(vb, (n, k), &Device::Cpu)?,
+        v: Tensor::from_vec(vb, (n, k), &crate::device::host())?,
     })
 }
 
@@ -174,7 +174,7 @@ impl SvdCache {
             // A cache that cannot be written only costs time; the write is atomic, so a
             // full disk never leaves a truncated entry.
             if std::fs::create_dir_all(dir).is_ok() {
-                let s = Tensor::from_vec(svd.sigma.clone(), svd.k(), &Device::Cpu)?;
+                let s = Tensor::from_vec(svd.sigma.clone(), svd.k(), &crate::device::host())?;
                 let meta = HashMap::from([
                     (META_WEIGHT.to_string(), hash.clone()),
                     (META_CHECKSUM.to_string(), svd_checksum(&svd.u, &s, &svd.v)?),
@@ -373,6 +373,7 @@ impl Drop for SvdPrefetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn thin_svd_reconstructs_and_cache_round_trips() {
