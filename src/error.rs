@@ -125,21 +125,29 @@ impl Error {
 /// Longest excerpt of file content an error message quotes.
 pub const QUOTE_LIMIT: usize = 200;
 
-/// `text` cut to about [`QUOTE_LIMIT`] characters (on a character boundary, with the number
-/// of characters left out), so that an error quoting a corrupt file stays readable.
+/// `text` cut to about [`QUOTE_LIMIT`] characters, so that an error quoting a corrupt file
+/// stays readable: the start and the end are kept (parsers put the position last), the
+/// middle is replaced by the number of characters left out. Cuts fall on character
+/// boundaries.
 pub fn clip(text: &str) -> String {
     clip_to(text, QUOTE_LIMIT)
 }
 
 /// [`clip`] with an explicit limit in characters.
 pub fn clip_to(text: &str, limit: usize) -> String {
-    match text.char_indices().nth(limit) {
-        None => text.to_string(),
-        Some((cut, _)) => {
-            let left = text[cut..].chars().count();
-            format!("{}… ({left} more characters)", &text[..cut])
-        }
+    let n = text.chars().count();
+    if n <= limit {
+        return text.to_string();
     }
+    let tail = limit / 4;
+    let head = limit - tail;
+    let byte = |k: usize| text.char_indices().nth(k).map_or(text.len(), |(i, _)| i);
+    format!(
+        "{} … ({} characters left out) … {}",
+        &text[..byte(head)],
+        n - head - tail,
+        &text[byte(n - tail)..]
+    )
 }
 
 /// Adds the path to an I/O result.
@@ -160,10 +168,11 @@ mod tests {
     #[test]
     fn quoted_content_is_cut_to_a_readable_length() {
         assert_eq!(clip("short"), "short");
-        let long = "é".repeat(1000);
+        let long = format!("{} at line 1 column 9", "é".repeat(1000));
         let c = clip(&long);
-        assert!(c.starts_with(&"é".repeat(QUOTE_LIMIT)));
-        assert!(c.ends_with("(800 more characters)"), "{c}");
-        assert_eq!(clip_to("abcdef", 3), "abc… (3 more characters)");
+        assert!(c.starts_with(&"é".repeat(150)), "{c}");
+        assert!(c.contains("(819 characters left out)"), "{c}");
+        assert!(c.ends_with("ééé at line 1 column 9"), "{c}");
+        assert_eq!(clip_to("abcdefgh", 4), "abc … (4 characters left out) … h");
     }
 }

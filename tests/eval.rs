@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{golden, shared_data, smollm2_gguf};
+use common::{golden, missing_fixture, require_shared_data, require_smollm2, shared_data};
 use lora_dash::cli::{run, Cli};
 use lora_dash::data::{eval_prompt, load_records, Record};
 use lora_dash::eval::likelihood::{score_batch, score_naive, tokenize_candidates};
@@ -78,8 +78,7 @@ fn read_json(p: &Path) -> Value {
 
 #[test]
 fn detects_tasks_on_shared_files() {
-    let Some(data) = shared_data() else {
-        println!("skipped: ../shared/data not found");
+    let Some(data) = require_shared_data() else {
         return;
     };
     // (directory, family, options): ARC-Easy has one 5-option question, hence 5.
@@ -93,7 +92,7 @@ fn detects_tasks_on_shared_files() {
     for (dir, family, n) in want {
         let p = data.join("commonsense").join(dir).join("test.json");
         if !p.exists() {
-            println!("skipped {}: absent", p.display());
+            missing_fixture(&p.display().to_string(), "see ../shared/data/README.md");
             continue;
         }
         let recs = load_records(std::slice::from_ref(&p)).unwrap();
@@ -618,8 +617,7 @@ fn cli_rejects_bad_inputs_clearly() {
 /// identical greedy responses, likelihood sums within 1e-3. Runs when the model is present.
 #[test]
 fn smollm2_arc_easy_matches_transformers() {
-    let (Some(gguf), Some(data)) = (smollm2_gguf(), shared_data()) else {
-        println!("skipped: SmolLM2 GGUF or ../shared/data not found");
+    let (Some(gguf), Some(data)) = (require_smollm2(), require_shared_data()) else {
         return;
     };
     let want = read_json(&golden("smollm2_eval_golden.json"));

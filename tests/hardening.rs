@@ -305,3 +305,92 @@ fn checkpoint_tensors_the_model_does_not_use_are_refused() {
     w.save_safetensors(&st, None).unwrap();
     assert!(load_err(&m).contains("lm_head.weight"));
 }
+
+// ---- Validation gaps -------------------------------------------------------------------
+
+fn train_args(d: &Path) -> lora_dash::cli::TrainArgs {
+    lora_dash::cli::TrainArgs {
+        model: Some(golden("tiny-llama").to_string_lossy().into_owned()),
+        data: Some(vec![d.join("data.json")]),
+        out: Some(d.join("run")),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn invalid_numeric_flags_are_refused_with_the_flag_name() {
+    let d = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut lora_dash::cli::TrainArgs);
+    let cases: Vec<(Edit, &str)> = vec![
+        (|a| a.adam_eps = Some(0.0), "--adam-eps"),
+        (|a| a.adam_eps = Some(-1e-8), "--adam-eps"),
+        (|a| a.adam_eps = Some(f64::NAN), "--adam-eps"),
+        (|a| a.max_grad_norm = Some(f64::NAN), "--max-grad-norm"),
+        (|a| a.max_grad_norm = Some(-1.0), "--max-grad-norm"),
+        (|a| a.max_grad_norm = Some(f64::INFINITY), "--max-grad-norm"),
+        (|a| a.weight_decay = Some(f64::NAN), "--weight-decay"),
+        (|a| a.weight_decay = Some(f64::INFINITY), "--weight-decay"),
+        (|a| a.weight_decay = Some(-0.1), "--weight-decay"),
+        (|a| a.epochs = Some(f64::NAN), "--epochs"),
+        (|a| a.epochs = Some(f64::INFINITY), "--epochs"),
+        (|a| a.epochs = Some(1e300), "--epochs"),
+        (|a| a.epochs = Some(0.0), "--epochs"),
+        (|a| a.lr = Some(f64::NAN), "--lr"),
+        (|a| a.lr = Some(0.0), "--lr"),
+        (|a| a.beta1 = Some(f64::NAN), "--beta1"),
+        (|a| a.beta2 = Some(1.0), "--beta2"),
+        (
+            |a| {
+                a.batch_size = Some(usize::MAX);
+                a.grad_accum = Some(2)
+            },
+            "--grad-accum",
+        ),
+        (
+            |a| {
+                a.method = Some("dash".into());
+                a.dash_s = Some(0)
+            },
+            "--dash-s",
+        ),
+    ];
+    for (edit, flag) in cases {
+        let mut a = train_args(d.path());
+        edit(&mut a);
+        let shown = format!("{a:?}");
+        let e = a.resolve().unwrap_err().to_string();
+        assert!(e.contains(flag), "{flag}: {e}\n{shown}");
+    }
+    // 0 still disables clipping.
+    let mut a = train_args(d.path());
+    a.max_grad_norm = Some(0.0);
+    assert_eq!(a.resolve().unwrap().max_grad_norm, None);
+    assert_eq!(
+        train_args(d.path()).resolve().unwrap().max_grad_norm,
+        Some(1.0)
+    );
+}
+
+#[test]
+fn errors_quoting_file_content_are_cut_to_a_readable_length() {
+    let d = tempfile::tempdir().unwrap();
+    let long = "x".repeat(20_000);
+    // TOML run config: toml quotes the offending line.
+    let toml = d.path().join("run.toml");
+    std::fs::write(&toml, format!("lr = {long}\n")).unwrap();
+    let mut a = train_args(d.path());
+    a.config = Some(toml);
+    let e = a.resolve().unwrap_err().to_string();
+    assert!(e.len() < 1_000, "{} characters", e.len());
+    // config.json with a long string where a number belongs.
+    let m = tiny_with_config(d.path(), |c| c["vocab_size"] = long.clone().into());
+    let e = load_err(&m);
+    assert!(e.contains("column") && e.len() < 1_000, "{e}");
+    // An unknown architecture with a very long name.
+    let m = tiny_with_config(&d.path().join("b"), |c| {
+        c["model_type"] = long.clone().into()
+    });
+    let loaded = lora_dash::io::load_model(m.to_str().unwrap()).unwrap();
+    let e = loaded.config.resolve().unwrap_err().to_string();
+    assert!(e.len() < 1_000, "{} characters", e.len());
+}

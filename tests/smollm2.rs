@@ -4,16 +4,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{load_golden, max_rel_diff, smollm2_gguf};
+use common::{load_golden, max_rel_diff, require_smollm2};
 use lora_dash::io;
 use lora_dash::models::Model;
 use lora_dash::models::{Ctx, Llama};
 
 fn model() -> Option<(io::LoadedModel, Llama)> {
-    let Some(path) = smollm2_gguf() else {
-        eprintln!("SKIPPED: SmolLM2 GGUF not found (run ./scripts/fetch-smollm2.sh)");
-        return None;
-    };
+    let path = require_smollm2()?;
     let loaded = io::load_model(path.to_str().unwrap()).unwrap();
     let m = Llama::load(&loaded.config.resolve().unwrap(), &loaded.weights).unwrap();
     Some((loaded, m))

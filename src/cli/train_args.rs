@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::adapters::{LoraConfig, TargetModules};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{clip, Error, IoContext, Result};
 use crate::train::config::{DashConfig, Method, TrainConfig};
 use crate::train::schedule::ScheduleKind;
 
@@ -135,15 +135,15 @@ impl TrainArgs {
     /// Reads a TOML run config; keys may use `-` or `_`.
     pub fn from_toml(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
-        let value: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
+        let value: toml::Table = toml::from_str(&text)
+            .map_err(|e| Error::format(path, format!("invalid TOML: {}", clip(&e.to_string()))))?;
         let normalised: toml::Table = value
             .into_iter()
             .map(|(k, v)| (k.replace('-', "_"), v))
             .collect();
         let args: TrainArgs = normalised
             .try_into()
-            .map_err(|e| Error::format(path, format!("{e}")))?;
+            .map_err(|e| Error::format(path, clip(&e.to_string())))?;
         // Relative data paths in the config are relative to the config file.
         Ok(args)
     }
@@ -283,14 +283,12 @@ impl TrainArgs {
             cutoff_len: a.cutoff_len.unwrap_or(256),
             warmup_steps: a.warmup_steps.unwrap_or(0),
             schedule,
-            max_grad_norm: a
-                .max_grad_norm
-                .filter(|&g| g > 0.0)
-                .or(if a.max_grad_norm.is_some() {
-                    None
-                } else {
-                    Some(1.0)
-                }),
+            // 0 disables clipping; a negative or NaN value is kept so `validate` refuses it.
+            max_grad_norm: match a.max_grad_norm {
+                None => Some(1.0),
+                Some(g) if g == 0.0 => None,
+                Some(g) => Some(g),
+            },
             val_set_size: a.val_set_size.unwrap_or(0),
             eval_every: a.eval_every.unwrap_or(0),
             save_every: a.save_every.unwrap_or(0),

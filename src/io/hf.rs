@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{clip, Error, IoContext, Result};
 use crate::io::atomic::{write_file, StagedDir};
 use crate::io::{gguf, gguf_tokenizer, LoadedModel, SourceKind, TextTokenizer, Weights};
 use crate::models::config::HfConfig;
@@ -208,21 +208,21 @@ fn download(id: &str, _cache_root: &Path) -> Result<PathBuf> {
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).at(index)?;
     let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
+        .map_err(|e| Error::format(index, format!("invalid JSON: {}", clip(&e.to_string()))))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::format(index, format!("`{tensor}` maps to a non-string")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(index, format!("`{}` maps to a non-string", clip(tensor)))
+        })?;
         // Shards are plain names in the same directory; anything else could escape it.
         if file.contains('/') || file.contains('\\') || file.starts_with('.') {
             return Err(Error::format(
                 index,
-                format!("shard name `{file}` is not a plain file name"),
+                format!("shard name `{}` is not a plain file name", clip(file)),
             ));
         }
         names.insert(file.to_string());
@@ -308,13 +308,18 @@ pub fn load_tokenizer_dir(dir: &Path, config: &HfConfig) -> Result<Option<TextTo
     if !path.is_file() {
         return Ok(None);
     }
-    let mut inner = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+        Error::format(
+            &path,
+            format!("invalid tokenizer: {}", clip(&e.to_string())),
+        )
+    })?;
     let cfg_path = dir.join("tokenizer_config.json");
     let tc: Value = if cfg_path.is_file() {
         let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?
+        serde_json::from_str(&text).map_err(|e| {
+            Error::format(&cfg_path, format!("invalid JSON: {}", clip(&e.to_string())))
+        })?
     } else {
         json!({})
     };
@@ -357,10 +362,12 @@ pub fn load_tokenizer_dir(dir: &Path, config: &HfConfig) -> Result<Option<TextTo
             bos.as_ref().map(|(t, i)| (t.as_str(), *i)),
             eos.as_ref().map(|(t, i)| (t.as_str(), *i)),
         );
-        inner = v
-            .to_string()
-            .parse()
-            .map_err(|e| Error::format(&path, format!("invalid tokenizer: {e}")))?;
+        inner = v.to_string().parse().map_err(|e: tokenizers::Error| {
+            Error::format(
+                &path,
+                format!("invalid tokenizer: {}", clip(&e.to_string())),
+            )
+        })?;
     }
     // Whether BOS is prepended is whatever the final post-processor does.
     let add_bos = match bos_id {

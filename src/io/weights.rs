@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{clip, Error, Result};
 
 #[derive(Debug, Clone, Default)]
 pub struct Weights {
@@ -78,11 +78,15 @@ impl Weights {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is opened read-only and not modified while mapped.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+            Error::format(
+                path,
+                format!("not a safetensors file: {}", clip(&e.to_string())),
+            )
+        })?;
         for (name, view) in st.tensors() {
             let t = view_to_tensor(&view)
-                .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+                .map_err(|e| Error::format(path, format!("tensor `{}`: {e}", clip(&name))))?;
             let t = match t.dtype() {
                 DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
                 _ => t,

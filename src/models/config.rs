@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{clip, Error, Result};
 use crate::io::Weights;
 
 /// `config.json` as Hugging Face writes it. Unknown keys are ignored; missing ones take
@@ -139,7 +139,7 @@ fn check_architecture(c: &HfConfig) -> Result<()> {
             .cloned()
             .or(c.model_type.clone())
             .unwrap_or_else(|| "<none>".into());
-        return Err(Error::UnknownArchitecture(name));
+        return Err(Error::UnknownArchitecture(clip(&name)));
     }
     if let Some(w) = &c.sliding_window {
         if !w.is_null() {
@@ -168,8 +168,12 @@ fn check_architecture(c: &HfConfig) -> Result<()> {
 
 impl HfConfig {
     pub fn from_json_str(s: &str, path: &std::path::Path) -> Result<Self> {
-        serde_json::from_str(s)
-            .map_err(|e| Error::format(path, format!("invalid config.json: {e}")))
+        serde_json::from_str(s).map_err(|e| {
+            Error::format(
+                path,
+                format!("invalid config.json: {}", clip(&e.to_string())),
+            )
+        })
     }
 
     /// The resolved config, or an error naming the key that is not supported or not

@@ -101,6 +101,23 @@ pub struct TrainConfig {
     pub max_records: Option<usize>,
 }
 
+/// Most epochs a run may ask for; with any realistic data set the step count stays far
+/// from overflowing.
+pub const MAX_EPOCHS: f64 = 1e6;
+
+/// An invalid run setting, named by its TOML key and its flag.
+fn bad(field: &str, reason: impl std::fmt::Display) -> Error {
+    Error::config(field, format!("--{} {reason}", field.replace('_', "-")))
+}
+
+fn positive_finite(field: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(bad(field, format!("must be a positive number, got {v}")))
+    }
+}
+
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
@@ -113,51 +130,69 @@ impl TrainConfig {
         if self.data.is_empty() {
             return Err(Error::config("data", "no data file given"));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config("lr", "must be a positive number"));
-        }
+        positive_finite("lr", self.lr)?;
+        positive_finite("adam_eps", self.eps)?;
         if self.batch_size == 0 {
-            return Err(Error::config("batch_size", "must be at least 1"));
+            return Err(bad("batch_size", "must be at least 1"));
         }
         if self.grad_accum == 0 {
-            return Err(Error::config("grad_accum", "must be at least 1"));
+            return Err(bad("grad_accum", "must be at least 1"));
         }
-        if self.max_steps == Some(0) {
-            return Err(Error::config("max_steps", "must be at least 1"));
-        }
-        if self.max_steps.is_none() && !(self.epochs > 0.0) {
-            return Err(Error::config(
-                "epochs",
-                "must be positive when max_steps is not set",
+        if self.batch_size.checked_mul(self.grad_accum).is_none() {
+            return Err(bad(
+                "grad_accum",
+                format!("× --batch-size {} overflows", self.batch_size),
             ));
         }
+        if self.max_steps == Some(0) {
+            return Err(bad("max_steps", "must be at least 1"));
+        }
+        if self.max_steps.is_none() {
+            positive_finite("epochs", self.epochs)?;
+            if self.epochs > MAX_EPOCHS {
+                return Err(bad(
+                    "epochs",
+                    format!("{} is more than {MAX_EPOCHS}", self.epochs),
+                ));
+            }
+        } else if self.epochs.is_nan() {
+            return Err(bad("epochs", "must be a number"));
+        }
         if self.cutoff_len < 2 {
-            return Err(Error::config("cutoff_len", "must be at least 2"));
+            return Err(bad("cutoff_len", "must be at least 2"));
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return Err(Error::config("betas", "must be in [0, 1)"));
+        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(bad(field, format!("must be in [0, 1), got {b}")));
+            }
         }
-        if self.weight_decay < 0.0 {
-            return Err(Error::config("weight_decay", "must be non-negative"));
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(bad(
+                "weight_decay",
+                format!("must be a non-negative number, got {}", self.weight_decay),
+            ));
         }
         if let Some(g) = self.max_grad_norm {
-            if !(g > 0.0) {
-                return Err(Error::config(
+            if !(g.is_finite() && g > 0.0) {
+                return Err(bad(
                     "max_grad_norm",
-                    "must be positive (omit it to disable clipping)",
+                    format!("must be a positive number (0 disables clipping), got {g}"),
                 ));
             }
         }
         if let Method::Dash(d) = &self.method {
             if d.t == 0 {
-                return Err(Error::config(
+                return Err(bad(
                     "dash_t",
                     "must be at least 1 (LoRA-Dash selects directions from a trained LoRA)",
                 ));
             }
+            if d.s == 0 {
+                return Err(bad("dash_s", "must be at least 1"));
+            }
             if let Some(m) = self.max_steps {
                 if d.t >= m {
-                    return Err(Error::config(
+                    return Err(bad(
                         "dash_t",
                         format!("{} is not before the end of the run ({m} steps)", d.t),
                     ));
@@ -172,7 +207,10 @@ impl TrainConfig {
         match self.max_steps {
             Some(s) => s,
             None => {
-                let per_epoch = n_train.div_ceil(self.batch_size * self.grad_accum).max(1);
+                let per_step = self.batch_size.saturating_mul(self.grad_accum).max(1);
+                let per_epoch = n_train.div_ceil(per_step).max(1);
+                // Saturates (float-to-int casts do) rather than wrapping; `validate` keeps
+                // `epochs` finite and bounded.
                 ((per_epoch as f64) * self.epochs).ceil().max(1.0) as usize
             }
         }

@@ -17,6 +17,28 @@ pub fn load_golden(name: &str) -> Weights {
     Weights::load_safetensors(&golden(name)).expect("golden file")
 }
 
+/// Whether the tests run in CI (`CI=true`): there a missing fixture fails the test.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// A fixture the current test needs is missing: in CI the test fails; elsewhere a
+/// `SKIPPED` line naming the test goes straight to the terminal (libtest captures only the
+/// print macros, and cannot mark a test ignored at run time), and the test returns early.
+pub fn missing_fixture(what: &str, hint: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    if in_ci() {
+        panic!("{test}: {what} not found ({hint}); fixtures are required when CI=true");
+    }
+    // One write, so the line does not interleave with libtest's own output.
+    use std::io::Write;
+    let line = format!("test {test} SKIPPED (passes without running): {what} not found ({hint})\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// Path of the SmolLM2 GGUF when present (env LORA_DASH_SMOLLM2_GGUF, else the cache).
 pub fn smollm2_gguf() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("LORA_DASH_SMOLLM2_GGUF") {
@@ -33,13 +55,55 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Shared benchmark data directory (`../shared/data` beside the crate), when present.
+/// The SmolLM2 GGUF for a test that needs it: None (after [`missing_fixture`]) when absent.
+pub fn require_smollm2() -> Option<PathBuf> {
+    let p = smollm2_gguf();
+    if p.is_none() {
+        missing_fixture(
+            "the SmolLM2-135M-Instruct GGUF",
+            "run ./scripts/fetch-smollm2.sh or set LORA_DASH_SMOLLM2_GGUF",
+        );
+    }
+    p
+}
+
+/// The shared benchmark data directory: `LORA_DASH_DATA`, else `../shared/data` beside the
+/// crate, when present.
 pub fn shared_data() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("shared")
-        .join("data");
-    p.exists().then_some(p)
+    let p = match std::env::var_os("LORA_DASH_DATA").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("shared")
+            .join("data"),
+    };
+    p.is_dir().then_some(p)
+}
+
+/// The shared data directory for a test that needs it: None (after [`missing_fixture`])
+/// when absent.
+pub fn require_shared_data() -> Option<PathBuf> {
+    let p = shared_data();
+    if p.is_none() {
+        missing_fixture(
+            "the shared data directory",
+            "set LORA_DASH_DATA or place it at ../shared/data",
+        );
+    }
+    p
+}
+
+/// A file inside the shared data for a test that needs it (same rules).
+pub fn require_shared_file(rel: &str) -> Option<PathBuf> {
+    let p = require_shared_data()?.join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    missing_fixture(
+        &format!("shared data file `{rel}`"),
+        "see ../shared/data/README.md",
+    );
+    None
 }
 
 /// Max |a−b| / (|b| + atol-scale) over positions where `keep` (b, t) is 1; prints and returns it.

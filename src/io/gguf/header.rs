@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::{GgmlType, GgufValue, Metadata, TensorInfo, DEFAULT_ALIGNMENT, MAGIC};
-use crate::error::{Error, Result};
+use crate::error::{clip, Error, Result};
 
 /// Bounds-checked little-endian reader over the header.
 struct Reader<'a> {
@@ -25,8 +25,9 @@ impl<'a> Reader<'a> {
             _ => Err(Error::format(
                 self.path,
                 format!(
-                    "truncated GGUF header at byte {} while reading {what}",
-                    self.pos
+                    "truncated GGUF header at byte {} while reading {}",
+                    self.pos,
+                    clip(what)
                 ),
             )),
         }
@@ -50,7 +51,7 @@ impl<'a> Reader<'a> {
         if n.saturating_mul(min_size as u64) > left {
             return Err(Error::format(
                 self.path,
-                format!("{what} {n} is larger than the file allows"),
+                format!("{} {n} is larger than the file allows", clip(what)),
             ));
         }
         Ok(n as usize)
@@ -87,7 +88,7 @@ impl<'a> Reader<'a> {
             t => {
                 return Err(Error::format(
                     self.path,
-                    format!("metadata `{key}`: unknown value type {t}"),
+                    format!("metadata `{}`: unknown value type {t}", clip(key)),
                 ))
             }
         })
@@ -134,7 +135,7 @@ pub(super) fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorI
         if n_dims > 8 {
             return Err(Error::format(
                 path,
-                format!("tensor `{name}` has {n_dims} dims"),
+                format!("tensor `{}` has {n_dims} dims", clip(&name)),
             ));
         }
         let dims = (0..n_dims)
@@ -166,7 +167,8 @@ pub(super) fn parse(b: &[u8], path: &Path) -> Result<(u32, Metadata, Vec<TensorI
                 path,
                 format!(
                     "tensor `{}` offset {} is not aligned to {alignment}",
-                    t.name, t.offset
+                    clip(&t.name),
+                    t.offset
                 ),
             ));
         }
