@@ -394,7 +394,8 @@ fn pair_encoding_matches_transformers_tiny() {
     check_encodings(&golden("tiny-bert"), &entries);
 }
 
-/// all-MiniLM-L6-v2 (`scripts/fetch-minilm.sh`), when present; required in CI.
+/// all-MiniLM-L6-v2 (`scripts/fetch-minilm.sh`, or `LORA_DASH_MINILM`), when present;
+/// required in CI.
 fn minilm() -> Option<PathBuf> {
     let p = std::env::var_os("LORA_DASH_MINILM")
         .map(PathBuf::from)
@@ -406,18 +407,14 @@ fn minilm() -> Option<PathBuf> {
                         .map(|h| PathBuf::from(h).join(".cache").join("lora-dash"))
                 })?;
             Some(cache.join("all-MiniLM-L6-v2"))
-        })?;
-    if p.join("model.safetensors").is_file() {
-        return Some(p);
+        });
+    match p {
+        Some(p) if p.join("model.safetensors").is_file() => Some(p),
+        _ => {
+            common::missing_fixture("all-MiniLM-L6-v2", "run ./scripts/fetch-minilm.sh");
+            None
+        }
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "all-MiniLM-L6-v2 not found at {} (run ./scripts/fetch-minilm.sh)",
-            p.display()
-        );
-    }
-    eprintln!("skipping: all-MiniLM-L6-v2 not found (run ./scripts/fetch-minilm.sh)");
-    None
 }
 
 /// The real BERT tokenizer: 36 texts (pairs, singles, quotes, accents, specials, an over-long
