@@ -364,3 +364,69 @@ fn bad_glue_inputs_are_clear_errors() {
     a.eval_data = None;
     fail(a, "encoder");
 }
+
+/// MNLI: three labels, trained on the 12-column train layout and evaluated on both dev files
+/// (16 columns) in one call, results keyed by file; MRPC's BOM header and QQP's malformed row
+/// train too.
+#[test]
+fn mnli_two_dev_files_and_other_layouts() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("mnli");
+    let mut a = args(&fixture("mnli_train.tsv"), &out);
+    a.task = Some("mnli".into());
+    a.eval_data = None;
+    a.max_steps = Some(2);
+    train(&a.resolve().unwrap()).unwrap();
+    let ev = d.path().join("eval");
+    let o = bin()
+        .args([
+            "eval",
+            "--model",
+            golden("tiny-bert").to_str().unwrap(),
+            "--adapter",
+        ])
+        .arg(&out)
+        .args(["--task", "mnli", "--data"])
+        .arg(fixture("mnli_dev_matched.tsv"))
+        .arg(fixture("mnli_dev_mismatched.tsv"))
+        .arg("--out")
+        .arg(&ev)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&ev.join("results.json"));
+    for k in ["mnli_dev_matched", "mnli_dev_mismatched"] {
+        let acc = r["files"][k]["accuracy"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&acc), "{k}: {r}");
+    }
+    let preds = std::fs::read_to_string(ev.join("predictions.jsonl")).unwrap();
+    assert!(preds.lines().all(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["scores"].as_array().unwrap().len() == 3
+    }));
+    // An adapter trained for MNLI (3 labels) is refused for RTE.
+    let o = bin()
+        .args([
+            "eval",
+            "--model",
+            golden("tiny-bert").to_str().unwrap(),
+            "--adapter",
+        ])
+        .arg(&out)
+        .args(["--task", "rte", "--data"])
+        .arg(rte_file(d.path(), 4))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("mnli"), "{e}");
+    for (task, file) in [("mrpc", "mrpc_train.tsv"), ("qqp", "qqp_train.tsv")] {
+        let out = d.path().join(task);
+        let mut a = args(&fixture(file), &out);
+        a.task = Some(task.into());
+        a.eval_data = None;
+        a.max_steps = Some(1);
+        a.batch_size = Some(2);
+        train(&a.resolve().unwrap()).unwrap_or_else(|e| panic!("{task}: {e}"));
+    }
+}
