@@ -210,6 +210,12 @@ impl TrainArgs {
                 Method::Lora
             }
             "dash" => {
+                if a.dash_s == Some(0) {
+                    return Err(Error::config(
+                        "dash_s",
+                        "--dash-s must be at least 1 (0 directions would train plain LoRA; use --method lora)",
+                    ));
+                }
                 let d = DashConfig::default();
                 Method::Dash(DashConfig {
                     t: a.dash_t.unwrap_or(d.t),

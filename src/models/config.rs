@@ -265,10 +265,11 @@ fn mul(field: &str, a: usize, b: usize) -> Result<usize> {
         .ok_or_else(|| Error::config(field, format!("{a} × {b} overflows")))
 }
 
-/// A tensor the model reads that the loader may not find: `model.layers.N.self_attn.rotary_emb
-/// .inv_freq` buffers are recomputed (old transformers saved them; it ignores them on load).
+/// A tensor a checkpoint may hold that the model recomputes instead of reading: the RoPE
+/// `inv_freq` buffers older transformers saved (and itself ignores on load).
 fn ignorable(name: &str) -> bool {
-    name.starts_with("model.layers.") && name.ends_with(".self_attn.rotary_emb.inv_freq")
+    name == "model.rotary_emb.inv_freq"
+        || name.starts_with("model.layers.") && name.ends_with(".self_attn.rotary_emb.inv_freq")
 }
 
 impl LlamaConfig {

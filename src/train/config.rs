@@ -27,7 +27,8 @@ pub enum Method {
 pub struct DashConfig {
     /// Pre-launch length in optimizer steps.
     pub t: usize,
-    /// Directions per layer.
+    /// Directions per layer. `--dash-s` must be at least 1; a config built in code may use
+    /// 0, which trains exactly like LoRA (the switch adds no coefficient), to test the switch.
     pub s: usize,
     /// Stop training A and B after the switch.
     pub freeze_ab: bool,
@@ -186,9 +187,6 @@ impl TrainConfig {
                     "dash_t",
                     "must be at least 1 (LoRA-Dash selects directions from a trained LoRA)",
                 ));
-            }
-            if d.s == 0 {
-                return Err(bad("dash_s", "must be at least 1"));
             }
             if let Some(m) = self.max_steps {
                 if d.t >= m {
