@@ -142,15 +142,24 @@ fn bad_inputs_are_clear_errors() {
     );
     assert!(!out.exists());
 
-    // An existing output directory is kept unless --overwrite.
+    // An existing directory that is not a run is never replaced, even with --overwrite.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep"), "x").unwrap();
     let (ok, err) = train(&["--data", ds], &out);
     assert!(!ok && err.contains("--overwrite"), "{err}");
     assert!(out.join("keep").exists());
     let (ok, err) = train(&["--data", ds, "--overwrite"], &out);
+    assert!(!ok && err.contains("not an earlier output"), "{err}");
+    assert!(out.join("keep").exists());
+    // An earlier run is replaced with --overwrite, and kept without it.
+    std::fs::remove_dir_all(&out).unwrap();
+    let (ok, err) = train(&["--data", ds], &out);
     assert!(ok, "{err}");
-    assert!(out.join("adapter_model.safetensors").exists() && !out.join("keep").exists());
+    let (ok, err) = train(&["--data", ds], &out);
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    let (ok, err) = train(&["--data", ds, "--overwrite"], &out);
+    assert!(ok, "{err}");
+    assert!(out.join("adapter_model.safetensors").exists());
 }
 
 fn copy(from: &Path, to: &Path) {

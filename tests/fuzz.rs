@@ -214,8 +214,42 @@ fn fuzz_json_data_records() {
     );
 }
 
-// TSV data reader (GLUE-style tasks): add `fuzz_tsv_data_records` here, seeded with a small
-// header + rows file, once that reader exists in `lora_dash::data`.
+/// The GLUE TSV readers, every task over seeds of every layout (so a file of one task read
+/// as another is exercised too), and the pair encoder on whatever rows parse.
+#[test]
+fn fuzz_tsv_data_records() {
+    use lora_dash::data::glue::{read_glue_tsv, GlueTask, PairEncoder};
+    let d = tempfile::tempdir().unwrap();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/glue");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&fixtures)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tsv"))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    seeds.push(
+        b"index\tsentence1\tsentence2\tlabel\n0\tA \"quoted\" man.\tA man.\tentailment\n".to_vec(),
+    );
+    seeds.push(b"gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n".to_vec());
+    seeds.push(b"sentence\tlabel\nit 's a charming journey .\t1\n".to_vec());
+    let loaded = lora_dash::io::load_model(common::golden("tiny-bert").to_str().unwrap()).unwrap();
+    let enc = PairEncoder::new(loaded.tokenizer.as_ref().unwrap(), 16).unwrap();
+    let path = d.path().join("f.tsv");
+    let read = |b: &[u8]| {
+        std::fs::write(&path, b).unwrap();
+        let mut any = false;
+        for t in GlueTask::ALL {
+            if let Ok(f) = read_glue_tsv(t, &path) {
+                any = true;
+                for r in f.rows.iter().take(4) {
+                    let _ = enc.encode(&r.text_a, r.text_b.as_deref());
+                }
+            }
+        }
+        any
+    };
+    fuzz("tsv_records", &seeds, 64, read);
+}
 
 #[test]
 fn fuzz_hf_config_json() {
