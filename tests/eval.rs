@@ -522,7 +522,7 @@ fn adapters_and_merged_models_evaluate_consistently() {
     ])
     .unwrap())
     .unwrap();
-    let m = with(None, Some(&merged), "merged");
+    let m = with(None, Some(&merged), "merged_eval");
     let diff = max_abs_diff(&lora, &m);
     println!("base+LoRA vs merged: max |diff| = {diff:.3e}");
     assert!(diff < 1e-3);
