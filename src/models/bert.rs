@@ -484,8 +484,9 @@ impl Bert {
         );
         let scale = 1.0 / (d as f64).sqrt();
         for l in &self.layers {
+            // Transposed views: `ops::attention` reads q, k, v through their strides.
             let heads = |y: Tensor| -> Result<Tensor> {
-                Ok(y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?) // (b, h, t, d)
+                Ok(y.reshape((b, t, h, d))?.transpose(1, 2)?) // (b, t, e) -> (b, h, t, d)
             };
             let q = heads(l.q.forward(&x, ctx)?)?;
             let k = heads(l.k.forward(&x, ctx)?)?;

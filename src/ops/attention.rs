@@ -156,25 +156,28 @@ impl CustomOp3 for Attention {
                     // (t, s) probabilities of this head only.
                     let mut p = vec![0f32; t * s];
                     matmul_into(&mut p, qh, kh.t(), g.scale, false, false);
-                    simd(|| {
-                        for (i, row) in p.chunks_mut(s).enumerate() {
-                            for (j, x) in row.iter_mut().enumerate() {
-                                if !g.allowed(bi, i, j) {
-                                    *x = f32::NEG_INFINITY;
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for (i, row) in p.chunks_mut(s).enumerate() {
+                                for (j, x) in row.iter_mut().enumerate() {
+                                    if !g.allowed(bi, i, j) {
+                                        *x = f32::NEG_INFINITY;
+                                    }
                                 }
+                                let max = row_max(row);
+                                if max == f32::NEG_INFINITY {
+                                    row.iter_mut().for_each(|x| *x = 0.0);
+                                    continue;
+                                }
+                                row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+                                let sum = sum_f32(row);
+                                lse[i] = max + sum.ln() as f32;
+                                let inv = (1.0 / sum) as f32;
+                                row.iter_mut().for_each(|x| *x *= inv);
                             }
-                            let max = row_max(row);
-                            if max == f32::NEG_INFINITY {
-                                row.iter_mut().for_each(|x| *x = 0.0);
-                                continue;
-                            }
-                            row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-                            let sum = sum_f32(row);
-                            lse[i] = max + sum.ln() as f32;
-                            let inv = (1.0 / sum) as f32;
-                            row.iter_mut().for_each(|x| *x *= inv);
-                        }
-                    });
+                        },
+                    );
                     matmul_into(o, MatView::rows(&p, t, s), vh, 1.0, false, false);
                 });
         }
@@ -284,22 +287,25 @@ impl CustomOp3 for AttentionBwd {
                     );
                     // dP = dO Vᵀ
                     matmul_into(&mut ds, MatView::rows(dyh, t, d), vh.t(), 1.0, false, false);
-                    simd(|| {
-                        for i in 0..t {
-                            let prow = &mut p[i * s..][..s];
-                            let drow = &mut ds[i * s..][..s];
-                            let delta = dot_f32(&dyh[i * d..][..d], &oh[i * d..][..d]) as f32;
-                            for j in 0..s {
-                                let pij = if g.allowed(bi, i, j) {
-                                    exp_f32(prow[j] - lse[i])
-                                } else {
-                                    0.0
-                                };
-                                prow[j] = pij;
-                                drow[j] = pij * (drow[j] - delta);
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for i in 0..t {
+                                let prow = &mut p[i * s..][..s];
+                                let drow = &mut ds[i * s..][..s];
+                                let delta = dot_f32(&dyh[i * d..][..d], &oh[i * d..][..d]) as f32;
+                                for j in 0..s {
+                                    let pij = if g.allowed(bi, i, j) {
+                                        exp_f32(prow[j] - lse[i])
+                                    } else {
+                                        0.0
+                                    };
+                                    prow[j] = pij;
+                                    drow[j] = pij * (drow[j] - delta);
+                                }
                             }
-                        }
-                    });
+                        },
+                    );
                     let (pm, dsm) = (MatView::rows(&p, t, s), MatView::rows(&ds, t, s));
                     matmul_into(dq, dsm, kh, g.scale, false, false);
                     matmul_into(dk, dsm.t(), MatView::rows(qh, t, d), g.scale, true, false);

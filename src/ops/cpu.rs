@@ -239,11 +239,14 @@ pub(crate) fn map_rows(
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(o, x)| {
-            simd(|| {
-                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    f(o, x);
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        f(o, x);
+                    }
+                },
+            )
         });
 }
 
@@ -263,11 +266,14 @@ pub(crate) fn map_rows2(
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
         .for_each(|(o, (x, y))| {
-            simd(|| {
-                for ((o, x), y) in o.chunks_mut(d).zip(x.chunks(d)).zip(y.chunks(d)) {
-                    f(o, x, y);
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    for ((o, x), y) in o.chunks_mut(d).zip(x.chunks(d)).zip(y.chunks(d)) {
+                        f(o, x, y);
+                    }
+                },
+            )
         });
 }
 
@@ -309,6 +315,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// Runs `f` compiled for AVX2 when the CPU has it (checked once, cached by std), else as
 /// is. Kernel bodies are `#[inline(always)]` helpers, so wrapping a row loop in `simd`
 /// lets LLVM widen it to 8 lanes without building the crate for a newer CPU baseline.
+/// The closure itself must be `#[inline(always)]` too (`simd(#[inline(always)] || ..)`):
+/// otherwise LLVM may keep it as a separate function compiled for the SSE baseline, and
+/// the loop runs 4 lanes wide behind an AVX2 call.
 #[inline(always)]
 pub(crate) fn simd<R, F: FnOnce() -> R>(f: F) -> R {
     #[cfg(target_arch = "x86_64")]

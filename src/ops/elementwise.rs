@@ -58,11 +58,14 @@ impl CustomOp2 for SiluMul {
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
-                simd(|| {
-                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                        *o = g * sigmoid(g) * u;
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                            *o = g * sigmoid(g) * u;
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -118,15 +121,18 @@ impl CustomOp3 for SiluMulBwd {
                     .zip(dy.par_chunks(CHUNK)),
             )
             .for_each(|((dg, du), ((g, u), dy))| {
-                simd(|| {
-                    for i in 0..g.len() {
-                        let s = sigmoid(g[i]);
-                        let silu = g[i] * s;
-                        // d silu / d g = s (1 + g (1 - s))
-                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                        du[i] = dy[i] * silu;
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for i in 0..g.len() {
+                            let s = sigmoid(g[i]);
+                            let silu = g[i] * s;
+                            // d silu / d g = s (1 + g (1 - s))
+                            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                            du[i] = dy[i] * silu;
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }

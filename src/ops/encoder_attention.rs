@@ -156,20 +156,23 @@ impl Geometry {
         matmul_into(p, q.head(bh), k.head(bh).t(), self.scale, false, false);
         let bias = bias.map(|x| &x[self.bias_slot(bh) * t * s..][..t * s]);
         let mask = self.mask.as_ref().map(|m| &m[bh / self.h * s..][..s]);
-        simd(|| {
-            for (i, row) in p.chunks_mut(s).enumerate() {
-                if let Some(bias) = bias {
-                    for (x, &c) in row.iter_mut().zip(&bias[i * s..][..s]) {
-                        *x += c;
+        simd(
+            #[inline(always)]
+            || {
+                for (i, row) in p.chunks_mut(s).enumerate() {
+                    if let Some(bias) = bias {
+                        for (x, &c) in row.iter_mut().zip(&bias[i * s..][..s]) {
+                            *x += c;
+                        }
+                    }
+                    if let Some(mask) = mask {
+                        for (x, &m) in row.iter_mut().zip(mask) {
+                            *x += m;
+                        }
                     }
                 }
-                if let Some(mask) = mask {
-                    for (x, &m) in row.iter_mut().zip(mask) {
-                        *x += m;
-                    }
-                }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -369,20 +372,23 @@ fn forward(
             || vec![0f32; t * s],
             |p, (bh, (o, lse))| {
                 g.scores(p, bh, q, k, bias);
-                simd(|| {
-                    for (row, lse) in p.chunks_mut(s).zip(lse.iter_mut()) {
-                        let max = row_max(row);
-                        if max == f32::NEG_INFINITY {
-                            row.iter_mut().for_each(|x| *x = 0.0);
-                            continue;
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (row, lse) in p.chunks_mut(s).zip(lse.iter_mut()) {
+                            let max = row_max(row);
+                            if max == f32::NEG_INFINITY {
+                                row.iter_mut().for_each(|x| *x = 0.0);
+                                continue;
+                            }
+                            row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+                            let sum = sum_f32(row);
+                            *lse = max + sum.ln() as f32;
+                            let inv = (1.0 / sum) as f32;
+                            row.iter_mut().for_each(|x| *x *= inv);
                         }
-                        row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-                        let sum = sum_f32(row);
-                        *lse = max + sum.ln() as f32;
-                        let inv = (1.0 / sum) as f32;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
-                });
+                    },
+                );
                 matmul_into(o, MatView::rows(p, t, s), v.head(bh), 1.0, false, false);
             },
         );

@@ -79,11 +79,14 @@ impl CustomOp1 for GeluErf {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
-                simd(|| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x * normal_cdf(x);
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = x * normal_cdf(x);
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -114,12 +117,15 @@ impl CustomOp2 for GeluErfBwd {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(o, (x, dy))| {
-                simd(|| {
-                    for ((o, &x), &dy) in o.iter_mut().zip(x).zip(dy) {
-                        let pdf = INV_SQRT_2PI * exp_f32(-0.5 * x * x);
-                        *o = dy * (normal_cdf(x) + x * pdf);
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((o, &x), &dy) in o.iter_mut().zip(x).zip(dy) {
+                            let pdf = INV_SQRT_2PI * exp_f32(-0.5 * x * x);
+                            *o = dy * (normal_cdf(x) + x * pdf);
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

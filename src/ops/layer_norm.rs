@@ -166,29 +166,33 @@ impl CustomOp3 for LayerNormBwd {
                 |mut acc, (dx, (x, dy))| {
                     let mut xhat = vec![0f32; e];
                     let mut g = vec![0f32; e];
-                    simd(|| {
-                        for ((dx, x), dy) in dx.chunks_mut(e).zip(x.chunks(e)).zip(dy.chunks(e)) {
-                            let r = center(x, &mut xhat, self.eps);
-                            xhat.iter_mut().for_each(|v| *v *= r);
-                            if need_wb {
-                                let (dw, db) = acc.split_at_mut(e);
-                                for i in 0..e {
-                                    dw[i] += (dy[i] * xhat[i]) as f64;
-                                    db[i] += dy[i] as f64;
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for ((dx, x), dy) in dx.chunks_mut(e).zip(x.chunks(e)).zip(dy.chunks(e))
+                            {
+                                let r = center(x, &mut xhat, self.eps);
+                                xhat.iter_mut().for_each(|v| *v *= r);
+                                if need_wb {
+                                    let (dw, db) = acc.split_at_mut(e);
+                                    for i in 0..e {
+                                        dw[i] += (dy[i] * xhat[i]) as f64;
+                                        db[i] += dy[i] as f64;
+                                    }
+                                }
+                                if need_x {
+                                    for i in 0..e {
+                                        g[i] = dy[i] * w[i];
+                                    }
+                                    let mean_g = (sum_f32(&g) / e as f64) as f32;
+                                    let mean_gx = (dot_f32(&g, &xhat) / e as f64) as f32;
+                                    for i in 0..e {
+                                        dx[i] = r * (g[i] - mean_g - xhat[i] * mean_gx);
+                                    }
                                 }
                             }
-                            if need_x {
-                                for i in 0..e {
-                                    g[i] = dy[i] * w[i];
-                                }
-                                let mean_g = (sum_f32(&g) / e as f64) as f32;
-                                let mean_gx = (dot_f32(&g, &xhat) / e as f64) as f32;
-                                for i in 0..e {
-                                    dx[i] = r * (g[i] - mean_g - xhat[i] * mean_gx);
-                                }
-                            }
-                        }
-                    });
+                        },
+                    );
                     acc
                 },
             )

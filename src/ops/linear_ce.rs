@@ -137,15 +137,21 @@ impl CustomOp2 for LinearCrossEntropy {
                 .par_chunks_mut(v.max(1))
                 .zip(chunk.par_iter())
                 .map(|(row, &(_, l))| {
-                    let z = simd(|| log_sum_exp(row));
+                    let z = simd(
+                        #[inline(always)]
+                        || log_sum_exp(row),
+                    );
                     let loss = (z - row[l]) as f64;
                     if with_grad {
                         // In place: logits -> dlogits.
-                        simd(|| {
-                            for x in row.iter_mut() {
-                                *x = inv_count * exp_f32(*x - z);
-                            }
-                        });
+                        simd(
+                            #[inline(always)]
+                            || {
+                                for x in row.iter_mut() {
+                                    *x = inv_count * exp_f32(*x - z);
+                                }
+                            },
+                        );
                         row[l] -= inv_count;
                     }
                     loss

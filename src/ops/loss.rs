@@ -106,7 +106,10 @@ impl CustomOp2 for CrossEntropy {
                 .map(|(row, l)| match l {
                     None => (0.0, 0.0),
                     Some(l) => {
-                        let lse = simd(|| log_sum_exp(row));
+                        let lse = simd(
+                            #[inline(always)]
+                            || log_sum_exp(row),
+                        );
                         (lse, (lse - row[*l]) as f64)
                     }
                 })
@@ -187,7 +190,10 @@ impl CustomOp2 for CrossEntropyBwd {
             .zip(labels.par_iter().zip(self.lse.par_iter()))
             .try_for_each(|((o, row), (&l, &lse))| -> CResult<()> {
                 if let Some(l) = label_index(l, 0, v)? {
-                    simd(|| exp_map(row, lse, scale, o));
+                    simd(
+                        #[inline(always)]
+                        || exp_map(row, lse, scale, o),
+                    );
                     o[l] -= scale;
                 }
                 Ok(())

@@ -126,24 +126,28 @@ impl CustomOp3 for RmsNormBwd {
             .fold(
                 || vec![0f64; if need_w { d } else { 0 }],
                 |mut dw, (dx, (x, dy))| {
-                    simd(|| {
-                        for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
-                            let r = inv_rms(x, self.eps);
-                            // g = dy ⊙ w is staged in dx; mean(g ⊙ x̂) = r · (g · x) / d
-                            for i in 0..d {
-                                dx[i] = dy[i] * w[i];
-                            }
-                            let mean = (dot_f32(dx, x) * r as f64 / d as f64) as f32;
-                            for i in 0..d {
-                                dx[i] = r * (dx[i] - x[i] * r * mean);
-                            }
-                            if need_w {
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d))
+                            {
+                                let r = inv_rms(x, self.eps);
+                                // g = dy ⊙ w is staged in dx; mean(g ⊙ x̂) = r · (g · x) / d
                                 for i in 0..d {
-                                    dw[i] += (dy[i] * x[i] * r) as f64;
+                                    dx[i] = dy[i] * w[i];
+                                }
+                                let mean = (dot_f32(dx, x) * r as f64 / d as f64) as f32;
+                                for i in 0..d {
+                                    dx[i] = r * (dx[i] - x[i] * r * mean);
+                                }
+                                if need_w {
+                                    for i in 0..d {
+                                        dw[i] += (dy[i] * x[i] * r) as f64;
+                                    }
                                 }
                             }
-                        }
-                    });
+                        },
+                    );
                     dw
                 },
             )

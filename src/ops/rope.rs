@@ -79,25 +79,28 @@ impl CustomOp3 for Rope {
         }
         let sign = self.sign;
         out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
-            simd(|| {
-                let (bi, hi) = (bh / h, bh % h);
-                for ti in 0..t {
-                    let src = &x[start + bi * s0 + hi * s1 + ti * s2..][..d];
-                    let row = if batched {
-                        (bi * t + ti) * half
-                    } else {
-                        ti * half
-                    };
-                    let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
-                    let (o1, o2) = o[ti * d..(ti + 1) * d].split_at_mut(half);
-                    let (x1, x2) = src.split_at(half);
-                    for i in 0..half {
-                        let si = sign * s[i];
-                        o1[i] = x1[i] * c[i] - x2[i] * si;
-                        o2[i] = x2[i] * c[i] + x1[i] * si;
+            simd(
+                #[inline(always)]
+                || {
+                    let (bi, hi) = (bh / h, bh % h);
+                    for ti in 0..t {
+                        let src = &x[start + bi * s0 + hi * s1 + ti * s2..][..d];
+                        let row = if batched {
+                            (bi * t + ti) * half
+                        } else {
+                            ti * half
+                        };
+                        let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
+                        let (o1, o2) = o[ti * d..(ti + 1) * d].split_at_mut(half);
+                        let (x1, x2) = src.split_at(half);
+                        for i in 0..half {
+                            let si = sign * s[i];
+                            o1[i] = x1[i] * c[i] - x2[i] * si;
+                            o2[i] = x2[i] * c[i] + x1[i] * si;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

@@ -100,17 +100,20 @@ fn head_backward(g: &Geometry, f: &Saved, head: HeadGrads, p: &mut [f32], ds: &m
     let lse = &f.lse[bh * t..][..t];
     // dP = dO Vᵀ
     matmul_into(ds, dyh, f.v.head(bh).t(), 1.0, false, false);
-    simd(|| {
-        for ((prow, drow), &lse) in p.chunks_mut(s).zip(ds.chunks_mut(s)).zip(lse) {
-            // Masked scores are -inf and a row with no key has lse = +inf: both give 0.
-            prow.iter_mut().for_each(|x| *x = exp_f32(*x - lse));
-            // rowsum(dO ⊙ O) = rowsum(P ⊙ dP), from buffers at hand.
-            let delta = dot_f32(prow, drow) as f32;
-            for (d, &p) in drow.iter_mut().zip(prow.iter()) {
-                *d = p * (*d - delta);
+    simd(
+        #[inline(always)]
+        || {
+            for ((prow, drow), &lse) in p.chunks_mut(s).zip(ds.chunks_mut(s)).zip(lse) {
+                // Masked scores are -inf and a row with no key has lse = +inf: both give 0.
+                prow.iter_mut().for_each(|x| *x = exp_f32(*x - lse));
+                // rowsum(dO ⊙ O) = rowsum(P ⊙ dP), from buffers at hand.
+                let delta = dot_f32(prow, drow) as f32;
+                for (d, &p) in drow.iter_mut().zip(prow.iter()) {
+                    *d = p * (*d - delta);
+                }
             }
-        }
-    });
+        },
+    );
     let (pm, dsm) = (MatView::rows(p, t, s), MatView::rows(ds, t, s));
     matmul_into(dq, dsm, f.k.head(bh), g.scale, false, false);
     matmul_into(dk, dsm.t(), f.q.head(bh), g.scale, false, false);
@@ -173,7 +176,10 @@ fn backward(g: &Geometry, f: &Saved, packed: &mut [f32], need_bias: bool) {
         .for_each_init(bufs, |(p, ds), (acc, heads)| {
             for head in heads {
                 head_backward(g, f, head, p, ds);
-                simd(|| acc.iter_mut().zip(ds.iter()).for_each(|(a, x)| *a += x));
+                simd(
+                    #[inline(always)]
+                    || acc.iter_mut().zip(ds.iter()).for_each(|(a, x)| *a += x),
+                );
             }
         });
     if groups > 1 {
@@ -181,11 +187,14 @@ fn backward(g: &Geometry, f: &Saved, packed: &mut [f32], need_bias: bool) {
             .par_chunks_mut(t * s)
             .zip(partial.par_chunks(groups * t * s))
             .for_each(|(out, parts)| {
-                simd(|| {
-                    for part in parts.chunks(t * s) {
-                        out.iter_mut().zip(part).for_each(|(o, x)| *o += x);
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for part in parts.chunks(t * s) {
+                            out.iter_mut().zip(part).for_each(|(o, x)| *o += x);
+                        }
+                    },
+                )
             });
     }
 }
