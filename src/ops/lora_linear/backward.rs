@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::{col_block, concat_cols, dropped_block, row_block, Grads, LoraLinear, Needs, Views};
-use super::{CHUNK_ROWS};
+use super::{
+    col_block, concat_cols, dropped_block, row_block, Grads, LoraLinear, Needs, Views, CHUNK_ROWS,
+};
 use crate::ops::cpu::{matmul_into, MatView};
 
 impl LoraLinear {

@@ -144,4 +144,3 @@ pub fn dropout_mask(rows: usize, cols: usize, p: f32, seed: u64) -> Vec<f32> {
     }
     out
 }
-
