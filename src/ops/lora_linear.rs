@@ -231,26 +231,50 @@ fn dropped_block<'a>(
     MatView::rows(buf, len, cols)
 }
 
-/// `xa (n, r) = drop(x) · aᵀ`, in parallel row chunks.
-fn project_dropped(x: MatView, a: MatView, mask: &MaskSpec) -> Vec<f32> {
-    let r = a.rows;
-    let mut xa = vec![0f32; x.rows * r];
+/// `[drop(x) · aᵀ | x · v]` (n, r + s), in parallel row chunks, reading each row of `x`
+/// once; just `drop(x) · aᵀ` (n, r) without `v`.
+fn project(x: MatView, a: MatView, v: Option<MatView>, mask: &MaskSpec) -> Vec<f32> {
+    let (r, s) = (a.rows, v.map_or(0, |v| v.cols));
+    let k = r + s;
+    let mut out = vec![0f32; x.rows * k];
+    if k == 0 {
+        return out;
+    }
     if !mask.active() {
-        matmul_into(&mut xa, x, a.t(), 1.0, false, true);
-        return xa;
+        match v {
+            None => matmul_into(&mut out, x, a.t(), 1.0, false, true),
+            Some(v) => {
+                let rhs = concat_cols(a.t(), 1.0, v, None); // (in, r+s) = [Aᵀ | V]
+                matmul_into(
+                    &mut out,
+                    x,
+                    MatView::rows(&rhs, x.cols, k),
+                    1.0,
+                    false,
+                    true,
+                );
+            }
+        }
+        return out;
     }
-    if r == 0 {
-        return xa;
-    }
-    xa.par_chunks_mut(CHUNK_ROWS * r)
+    out.par_chunks_mut(CHUNK_ROWS * k)
         .enumerate()
         .for_each(|(c, out)| {
             let mut buf = Vec::new();
-            let r0 = c * CHUNK_ROWS;
-            let d = dropped_block(x, mask, r0, out.len() / r, &mut buf);
-            matmul_into(out, d, a.t(), 1.0, false, false);
+            let (r0, len) = (c * CHUNK_ROWS, out.len() / k);
+            let d = dropped_block(x, mask, r0, len, &mut buf);
+            let Some(v) = v else {
+                return matmul_into(out, d, a.t(), 1.0, false, false);
+            };
+            let (mut xa, mut xv) = (vec![0f32; len * r], vec![0f32; len * s]);
+            matmul_into(&mut xa, d, a.t(), 1.0, false, false);
+            matmul_into(&mut xv, row_block(x, r0, len), v, 1.0, false, false);
+            for (i, row) in out.chunks_exact_mut(k).enumerate() {
+                row[..r].copy_from_slice(&xa[i * r..(i + 1) * r]);
+                row[r..].copy_from_slice(&xv[i * s..(i + 1) * s]);
+            }
         });
-    xa
+    out
 }
 
 /// `[p · p_scale | q · diag(q_scale)]` (m, k₁ + k₂), row-major, for `p (m, k₁)` and
@@ -295,18 +319,22 @@ impl LoraLinear {
         let (n, out_dim, r) = (x.rows, w.rows, a.rows);
         let mut y = vec![0f32; n * out_dim];
         matmul_into(&mut y, x, w.t(), 1.0, false, true);
-        let xa = project_dropped(x, a, &self.mask); // (n, r)
-        let xa = MatView::rows(&xa, n, r);
         let Some(d) = dash else {
-            matmul_into(&mut y, xa, b.t(), self.scale, true, true);
+            let xa = project(x, a, None, &self.mask); // (n, r)
+            matmul_into(
+                &mut y,
+                MatView::rows(&xa, n, r),
+                b.t(),
+                self.scale,
+                true,
+                true,
+            );
             return y;
         };
         // Both low-rank terms in one accumulating product, so y is read and written once:
         // [drop(x)·Aᵀ | x·V_s] (n, r+s) · [s·B | U_s·diag(c)]ᵀ (r+s, out).
         let s = d.c.len();
-        let mut xv = vec![0f32; n * s];
-        matmul_into(&mut xv, x, d.v, 1.0, false, true); // (n, s)
-        let left = concat_cols(xa, 1.0, MatView::rows(&xv, n, s), None); // (n, r+s)
+        let left = project(x, a, Some(d.v), &self.mask); // (n, r+s)
         let right = concat_cols(b, self.scale, d.u, Some(d.c)); // (out, r+s)
         matmul_into(
             &mut y,
