@@ -1,14 +1,15 @@
 //! A frozen linear layer with an optional adapter: y = x·Wᵀ (+ b) + adapter(x).
 //! The frozen bias, when there is one, is added after the fused product.
 //! The base weight never gets a gradient (see `ops::frozen_linear`). A LoRA adapter (or
-//! the LoRA part of LoRA-Dash) on a bias-free layer runs fused with the base product in
-//! `ops::lora_linear`, which keeps one output buffer instead of five per layer.
+//! LoRA-Dash, dash term included) runs fused with the base product in
+//! `ops::lora_dash_linear`, which keeps one output buffer instead of five (seven) per layer.
 
 use candle_core::{DType, Tensor, Var};
 
 use crate::adapters::Adapter;
 use crate::error::Result;
 use crate::models::Ctx;
+use crate::ops::DashTerm;
 
 pub struct Linear {
     /// Module path as in the Hugging Face checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
@@ -68,8 +69,8 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ in one op, plus the dash term (on the undropped input) for
-    /// LoRA-Dash. `x` is (n, in).
+    /// x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ, plus the dash term x·V_s·diag(c)·U_sᵀ (on the undropped
+    /// input) for LoRA-Dash, in one op. `x` is (n, in).
     fn fused_lora_forward(&self, x: &Tensor, adapter: &Adapter, ctx: &Ctx) -> Result<Tensor> {
         let Some(lora) = adapter.as_lora() else {
             return Err(crate::error::Error::msg(format!(
@@ -85,11 +86,13 @@ impl Linear {
             Some(d) if d.freeze_ab => (a.detach(), b.detach()),
             _ => (a.clone(), b.clone()),
         };
-        let y = crate::ops::lora_linear(x, &self.weight, &a, &b, lora.scale, p, seed)?; // (n, out)
-        match dash {
-            Some(d) if d.s() > 0 => Ok((y + d.dash_forward(x)?)?),
-            _ => Ok(y),
-        }
+        let dash = dash.map(|d| DashTerm {
+            u_s: &d.u_s,
+            v_s: &d.v_s,
+            c: d.c.as_tensor(),
+        });
+        crate::ops::lora_dash_linear(x, &self.weight, &a, &b, lora.scale, p, seed, dash)
+        // (n, out)
     }
 
     /// Trainable tensors with their full PEFT-style names (`<path>.lora_A.weight`).

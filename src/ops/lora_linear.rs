@@ -1,17 +1,25 @@
-//! A frozen linear layer with a LoRA term as one candle custom op:
-//! `y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ` (Hu et al., 2021, with PEFT's dropout on A's input).
+//! A frozen linear layer with a LoRA term, and optionally LoRA-Dash's dash term, as one
+//! candle custom op:
+//! `y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + x·V_s·diag(c)·U_sᵀ` (Hu et al., 2021, with PEFT's dropout
+//! on A's input; the dash term of Si et al., ICLR 2025, §4, takes the undropped input).
 //!
 //! Composed from candle ops, one adapted layer keeps the dropped-out copy of `x` (n, in),
-//! its mask, the base output, the LoRA delta and their sum (four (n, out) buffers), and the
-//! backward adds a zero buffer and an add per node. Here the forward writes one (n, out)
-//! buffer (the LoRA product is accumulated into the base GEMM's output) and keeps nothing
-//! else: the dropout mask is a pure function of `(seed, row, col)`, so the backward
-//! regenerates it, and `drop(x)·Aᵀ` (n, r) is recomputed from the same row chunks that the
-//! weight gradients need anyway.
+//! its mask, the base output, the LoRA delta and their sum (four (n, out) buffers), the
+//! dash term two more, and the backward adds a zero buffer and an add per node. Here the
+//! forward writes one (n, out) buffer (both low-rank terms are accumulated into the base
+//! GEMM's output by a single product of inner size r + s) and keeps nothing else: the
+//! dropout mask is a pure function of `(seed, row, col)`, so the backward regenerates it,
+//! and `drop(x)·Aᵀ` (n, r) and `x·V_s` (n, s) are recomputed from the same row chunks that
+//! the weight gradients need anyway.
 //!
-//! Backward, with `g = s·dy·B` (n, r) and `M` the scaled mask:
-//! `dx = dy·W + (g·A) ⊙ M`, `dA = gᵀ·drop(x)`, `dB = s·dyᵀ·(drop(x)·Aᵀ)`; `W` gets none.
+//! Backward, with `[g | h] = dy·[s·B | U_s]` (n, r + s) and `M` the scaled mask:
+//! `dx = dy·W + (g·A) ⊙ M + (h·diag(c))·V_sᵀ`, `dA = gᵀ·drop(x)`, `dB = s·dyᵀ·(drop(x)·Aᵀ)`,
+//! `dc = Σ_rows (x·V_s) ⊙ h`; `W`, `U_s` and `V_s` get none.
 //! Every product runs on faer through strided views, so transposes are never copied.
+
+mod backward;
+mod dash;
+mod mask;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor};
@@ -19,10 +27,29 @@ use rayon::prelude::*;
 
 use super::cpu::{is_cpu_f32, matmul_into, CResult, MatView};
 use crate::error::{Error, Result};
+use dash::LoraDashLinear;
+pub use mask::dropout_mask;
+use mask::MaskSpec;
 
 /// Rows per rayon task in the chunked (dropout) passes: a dropped-out chunk is at most
 /// `CHUNK_ROWS · in` floats, which stays in L2 for the usual hidden sizes.
 const CHUNK_ROWS: usize = 32;
+
+/// LoRA-Dash's dash term `x·V_s·diag(c)·U_sᵀ`: the frozen directions `u_s (out, s)` and
+/// `v_s (in, s)` and their trainable scales `c (s)`.
+#[derive(Clone, Copy, Debug)]
+pub struct DashTerm<'a> {
+    pub u_s: &'a Tensor,
+    pub v_s: &'a Tensor,
+    pub c: &'a Tensor,
+}
+
+impl DashTerm<'_> {
+    /// Number of directions.
+    pub fn s(&self) -> usize {
+        self.c.dims().first().copied().unwrap_or(0)
+    }
+}
 
 /// `x (n, in) · wᵀ + scale · (drop(x) · aᵀ) · bᵀ` with `w (out, in)` frozen, `a (r, in)`,
 /// `b (out, r)`. `drop` is inverted dropout with probability `dropout_p` and the mask of
@@ -37,27 +64,58 @@ pub fn lora_linear(
     dropout_p: f32,
     seed: u64,
 ) -> Result<Tensor> {
-    check_shapes(x, w, a, b)?;
+    lora_dash_linear(x, w, a, b, scale, dropout_p, seed, None)
+}
+
+/// [`lora_linear`] plus, when `dash` is given, `x · v_s · diag(c) · u_sᵀ` on the undropped
+/// `x`, unscaled. `c` gets a gradient when it is tracked; `u_s` and `v_s` never do.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dash_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_p: f32,
+    seed: u64,
+    dash: Option<DashTerm>,
+) -> Result<Tensor> {
+    check_shapes(x, w, a, b, dash.as_ref())?;
     if !(0.0..1.0).contains(&dropout_p) {
         return Err(Error::msg(format!(
             "dropout probability {dropout_p} is outside [0, 1)"
         )));
     }
-    if ![x, w, a, b].iter().all(|t| is_cpu_f32(t)) {
-        return super::reference::lora_linear(x, w, a, b, scale, dropout_p, seed);
+    // No directions, no term (and nothing for c to learn).
+    let dash = dash.filter(|d| d.s() > 0);
+    let dash_on_cpu = dash.is_none_or(|d| [d.u_s, d.v_s, d.c].iter().all(|t| is_cpu_f32(t)));
+    if !([x, w, a, b].iter().all(|t| is_cpu_f32(t)) && dash_on_cpu) {
+        return super::reference::lora_dash_linear(x, w, a, b, scale, dropout_p, seed, dash);
     }
-    let op = LoraLinear {
+    let lora = LoraLinear {
         w: w.detach(),
         scale: scale as f32,
         mask: MaskSpec::new(dropout_p, seed),
     };
-    Ok(x.apply_op3(a, b, op)?)
+    match dash {
+        None => Ok(x.apply_op3(a, b, lora)?),
+        Some(d) => {
+            let (op, ab) = LoraDashLinear::new(lora, a, b, d)?;
+            Ok(x.apply_op3(&ab, d.c, op)?)
+        }
+    }
 }
 
-fn check_shapes(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+fn check_shapes(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dash: Option<&DashTerm>,
+) -> Result<()> {
     let (out_dim, in_dim) = w.dims2()?;
     let r = a.dims().first().copied().unwrap_or(0);
-    let checks: [(&str, &Tensor, Vec<usize>); 3] = [
+    let mut checks: Vec<(&str, &Tensor, Vec<usize>)> = vec![
         (
             "lora_linear x",
             x,
@@ -66,6 +124,12 @@ fn check_shapes(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
         ("lora_linear a", a, vec![r, in_dim]),
         ("lora_linear b", b, vec![out_dim, r]),
     ];
+    if let Some(d) = dash {
+        let s = d.s();
+        checks.push(("lora_dash_linear c", d.c, vec![s]));
+        checks.push(("lora_dash_linear u_s", d.u_s, vec![out_dim, s]));
+        checks.push(("lora_dash_linear v_s", d.v_s, vec![in_dim, s]));
+    }
     for (name, t, expected) in checks {
         if t.dims() != expected.as_slice() {
             return Err(Error::ShapeMismatch {
@@ -78,152 +142,22 @@ fn check_shapes(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// The dropout mask as a counter-based hash: element (row, col) is kept when the top 24
-/// bits of `fmix32(fmix32(col ^ k0) + k1)` are at least `p · 2²⁴`, where `(k0, k1)` are
-/// the two halves of SplitMix64 output number `row` of `seed`. Any element can be drawn in
-/// any order, so rows are generated in parallel and again in the backward.
-#[derive(Clone, Copy, Debug)]
-struct MaskSpec {
-    seed: u64,
-    /// Kept iff the 24-bit draw is `>= threshold`; 0 means no dropout.
-    threshold: u32,
-    /// `1 / (1 - p)`.
-    keep_scale: f32,
-}
-
-impl MaskSpec {
-    fn new(p: f32, seed: u64) -> Self {
-        // draw · 2⁻²⁴ ≥ p  ⟺  draw ≥ ⌈p · 2²⁴⌉ (both sides exact in f64).
-        let threshold = (p as f64 * (1u64 << 24) as f64).ceil() as u32;
-        MaskSpec {
-            seed,
-            threshold,
-            keep_scale: 1.0 / (1.0 - p),
-        }
-    }
-
-    fn active(&self) -> bool {
-        self.threshold > 0
-    }
-
-    fn row_keys(&self, row: usize) -> (u32, u32) {
-        let z = splitmix64(
-            self.seed
-                .wrapping_add((row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        );
-        (z as u32, (z >> 32) as u32)
-    }
-
-    /// `keep_scale` or 0 for element `col` of the row with keys `k`.
-    #[inline(always)]
-    fn value(&self, k: (u32, u32), col: usize) -> f32 {
-        let h = fmix32(fmix32(col as u32 ^ k.0).wrapping_add(k.1));
-        if h >> 8 >= self.threshold {
-            self.keep_scale
-        } else {
-            0.0
-        }
-    }
-
-    /// `out[j] = src[j · stride] · mask(row, j)`.
-    fn drop_row(&self, row: usize, src: &[f32], stride: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature the function is compiled for was detected at run time.
-            return unsafe { self.drop_row_avx2(row, src, stride, out) };
-        }
-        self.drop_row_any(row, src, stride, out)
-    }
-
-    /// `acc[j] += add[j] · mask(row, j)`.
-    fn add_masked_row(&self, row: usize, add: &[f32], acc: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { self.add_masked_row_avx2(row, add, acc) };
-        }
-        self.add_masked_row_any(row, add, acc)
-    }
-
-    // The hash needs 32-bit lane multiplies, which x86-64's baseline (SSE2) lacks: these
-    // copies are compiled for AVX2 so the row loops run 8 lanes wide.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn drop_row_avx2(&self, row: usize, src: &[f32], stride: usize, out: &mut [f32]) {
-        self.drop_row_any(row, src, stride, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_masked_row_avx2(&self, row: usize, add: &[f32], acc: &mut [f32]) {
-        self.add_masked_row_any(row, add, acc)
-    }
-
-    #[inline(always)]
-    fn drop_row_any(&self, row: usize, src: &[f32], stride: usize, out: &mut [f32]) {
-        let k = self.row_keys(row);
-        if stride == 1 {
-            let n = out.len().min(src.len());
-            let (out, src) = (&mut out[..n], &src[..n]);
-            for j in 0..n {
-                out[j] = src[j] * self.value(k, j);
-            }
-        } else {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = src[j * stride] * self.value(k, j);
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn add_masked_row_any(&self, row: usize, add: &[f32], acc: &mut [f32]) {
-        let k = self.row_keys(row);
-        let n = acc.len().min(add.len());
-        let (acc, add) = (&mut acc[..n], &add[..n]);
-        for j in 0..n {
-            acc[j] += add[j] * self.value(k, j);
-        }
-    }
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// MurmurHash3's 32-bit finaliser: a bijective mix with full avalanche, cheap in SIMD.
-#[inline(always)]
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// The (rows, cols) row-major dropout mask `lora_linear` applies for `(p, seed)`: entries
-/// are `1 / (1 - p)` (kept) or 0; all ones when `p == 0`.
-pub fn dropout_mask(rows: usize, cols: usize, p: f32, seed: u64) -> Vec<f32> {
-    let spec = MaskSpec::new(p, seed);
-    if !spec.active() {
-        return vec![1.0; rows * cols];
-    }
-    let ones = vec![1.0f32; cols];
-    let mut out = vec![0f32; rows * cols];
-    if cols > 0 {
-        out.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(i, o)| spec.drop_row(i, &ones, 1, o));
-    }
-    out
-}
-
+/// The frozen part of the op and its dropout; the LoRA factors are inputs.
 struct LoraLinear {
     w: Tensor,
     scale: f32,
     mask: MaskSpec,
+}
+
+/// The dash term as the kernels read it.
+#[derive(Clone, Copy)]
+struct DashViews<'a> {
+    /// (out, s)
+    u: MatView<'a>,
+    /// (in, s)
+    v: MatView<'a>,
+    /// (s)
+    c: &'a [f32],
 }
 
 /// A rank-2 strided view over the storage a layout addresses.
@@ -297,26 +231,121 @@ fn dropped_block<'a>(
     MatView::rows(buf, len, cols)
 }
 
-/// `xa (n, r) = drop(x) · aᵀ`, in parallel row chunks.
-fn project_dropped(x: MatView, a: MatView, mask: &MaskSpec) -> Vec<f32> {
-    let r = a.rows;
-    let mut xa = vec![0f32; x.rows * r];
+/// `[drop(x) · aᵀ | x · v]` (n, r + s), in parallel row chunks, reading each row of `x`
+/// once; just `drop(x) · aᵀ` (n, r) without `v`.
+fn project(x: MatView, a: MatView, v: Option<MatView>, mask: &MaskSpec) -> Vec<f32> {
+    let (r, s) = (a.rows, v.map_or(0, |v| v.cols));
+    let k = r + s;
+    let mut out = vec![0f32; x.rows * k];
+    if k == 0 {
+        return out;
+    }
     if !mask.active() {
-        matmul_into(&mut xa, x, a.t(), 1.0, false, true);
-        return xa;
+        match v {
+            None => matmul_into(&mut out, x, a.t(), 1.0, false, true),
+            Some(v) => {
+                let rhs = concat_cols(a.t(), 1.0, v, None); // (in, r+s) = [Aᵀ | V]
+                matmul_into(
+                    &mut out,
+                    x,
+                    MatView::rows(&rhs, x.cols, k),
+                    1.0,
+                    false,
+                    true,
+                );
+            }
+        }
+        return out;
     }
-    if r == 0 {
-        return xa;
-    }
-    xa.par_chunks_mut(CHUNK_ROWS * r)
+    out.par_chunks_mut(CHUNK_ROWS * k)
         .enumerate()
         .for_each(|(c, out)| {
             let mut buf = Vec::new();
-            let r0 = c * CHUNK_ROWS;
-            let d = dropped_block(x, mask, r0, out.len() / r, &mut buf);
-            matmul_into(out, d, a.t(), 1.0, false, false);
+            let (r0, len) = (c * CHUNK_ROWS, out.len() / k);
+            let d = dropped_block(x, mask, r0, len, &mut buf);
+            let Some(v) = v else {
+                return matmul_into(out, d, a.t(), 1.0, false, false);
+            };
+            let (mut xa, mut xv) = (vec![0f32; len * r], vec![0f32; len * s]);
+            matmul_into(&mut xa, d, a.t(), 1.0, false, false);
+            matmul_into(&mut xv, row_block(x, r0, len), v, 1.0, false, false);
+            for (i, row) in out.chunks_exact_mut(k).enumerate() {
+                row[..r].copy_from_slice(&xa[i * r..(i + 1) * r]);
+                row[r..].copy_from_slice(&xv[i * s..(i + 1) * s]);
+            }
         });
-    xa
+    out
+}
+
+/// `[p · p_scale | q · diag(q_scale)]` (m, k₁ + k₂), row-major, for `p (m, k₁)` and
+/// `q (m, k₂)`; `q_scale` is 1 when absent.
+fn concat_cols(p: MatView, p_scale: f32, q: MatView, q_scale: Option<&[f32]>) -> Vec<f32> {
+    let (m, k1, k2) = (p.rows, p.cols, q.cols);
+    let k = k1 + k2;
+    let mut out = vec![0f32; m * k];
+    for (i, row) in out.chunks_exact_mut(k.max(1)).take(m).enumerate() {
+        for (j, o) in row[..k1].iter_mut().enumerate() {
+            *o = p_scale * p.data[i * p.rs + j * p.cs];
+        }
+        for (j, o) in row[k1..].iter_mut().enumerate() {
+            *o = q.data[i * q.rs + j * q.cs] * q_scale.map_or(1.0, |c| c[j]);
+        }
+    }
+    out
+}
+
+/// Columns `c0..c0 + width` of rows `r0..r0 + len` of the dense row-major `m` with `k`
+/// columns.
+fn col_block(m: &[f32], k: usize, r0: usize, len: usize, c0: usize, width: usize) -> MatView<'_> {
+    MatView {
+        data: &m[(r0 * k + c0).min(m.len())..],
+        rows: len,
+        cols: width,
+        rs: k,
+        cs: 1,
+    }
+}
+
+impl LoraLinear {
+    /// The output `y (n, out)`, dense row-major.
+    fn forward(
+        &self,
+        x: MatView,
+        w: MatView,
+        a: MatView,
+        b: MatView,
+        dash: Option<DashViews>,
+    ) -> Vec<f32> {
+        let (n, out_dim, r) = (x.rows, w.rows, a.rows);
+        let mut y = vec![0f32; n * out_dim];
+        matmul_into(&mut y, x, w.t(), 1.0, false, true);
+        let Some(d) = dash else {
+            let xa = project(x, a, None, &self.mask); // (n, r)
+            matmul_into(
+                &mut y,
+                MatView::rows(&xa, n, r),
+                b.t(),
+                self.scale,
+                true,
+                true,
+            );
+            return y;
+        };
+        // Both low-rank terms in one accumulating product, so y is read and written once:
+        // [drop(x)·Aᵀ | x·V_s] (n, r+s) · [s·B | U_s·diag(c)]ᵀ (r+s, out).
+        let s = d.c.len();
+        let left = project(x, a, Some(d.v), &self.mask); // (n, r+s)
+        let right = concat_cols(b, self.scale, d.u, Some(d.c)); // (out, r+s)
+        matmul_into(
+            &mut y,
+            MatView::rows(&left, n, r + s),
+            MatView::rows(&right, out_dim, r + s).t(),
+            1.0,
+            true,
+            true,
+        );
+        y
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -338,19 +367,8 @@ impl CustomOp3 for LoraLinear {
         let b = view(s3, l3, "lora-linear b")?;
         let (ws, wl) = self.w.storage_and_layout();
         let w = tensor_view(&ws, wl, "lora-linear w")?;
-        let (n, out_dim) = (x.rows, w.rows);
-        let mut y = vec![0f32; n * out_dim];
-        matmul_into(&mut y, x, w.t(), 1.0, false, true);
-        let xa = project_dropped(x, a, &self.mask); // (n, r)
-        matmul_into(
-            &mut y,
-            MatView::rows(&xa, n, a.rows),
-            b.t(),
-            self.scale,
-            true,
-            true,
-        );
-        Ok((CpuStorage::F32(y), Shape::from((n, out_dim))))
+        let y = self.forward(x, w, a, b, None);
+        Ok((CpuStorage::F32(y), Shape::from((x.rows, w.rows))))
     }
 
     fn bwd(
@@ -361,8 +379,13 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_a, need_b) = (x.track_op(), a.track_op(), b.track_op());
-        if !(need_x || need_a || need_b) {
+        let need = Needs {
+            x: x.track_op(),
+            a: a.track_op(),
+            b: b.track_op(),
+            c: false,
+        };
+        if !(need.x || need.a || need.b) {
             return Ok((None, None, None));
         }
         let grads = {
@@ -377,17 +400,18 @@ impl CustomOp3 for LoraLinear {
                 b: tensor_view(&bs, bl, "lora-linear b")?,
                 dy: tensor_view(&gs, gl, "lora-linear dy")?,
                 w: tensor_view(&ws, wl, "lora-linear w")?,
+                dash: None,
             };
-            self.backward(&v, need_x, need_a, need_b)
+            self.backward(&v, need)
         };
         let dev = Device::Cpu;
         let to_tensor = |g: Option<Vec<f32>>, t: &Tensor| -> CResult<Option<Tensor>> {
             g.map(|g| Tensor::from_vec(g, t.shape(), &dev)).transpose()
         };
         Ok((
-            to_tensor(grads.0, x)?,
-            to_tensor(grads.1, a)?,
-            to_tensor(grads.2, b)?,
+            to_tensor(grads.x, x)?,
+            to_tensor(grads.a, a)?,
+            to_tensor(grads.b, b)?,
         ))
     }
 }
@@ -399,98 +423,24 @@ struct Views<'a> {
     b: MatView<'a>,
     dy: MatView<'a>,
     w: MatView<'a>,
+    dash: Option<DashViews<'a>>,
 }
 
-type Grads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+/// Which gradients the backward forms.
+#[derive(Clone, Copy, Debug)]
+struct Needs {
+    x: bool,
+    a: bool,
+    b: bool,
+    c: bool,
+}
 
-impl LoraLinear {
-    /// `(dx, dA, dB)` as dense row-major buffers, each only when asked for.
-    fn backward(&self, v: &Views, need_x: bool, need_a: bool, need_b: bool) -> Grads {
-        let (n, in_dim, r) = (v.x.rows, v.x.cols, v.a.rows);
-        let mask = &self.mask;
-        // g = s · dy · B  (n, r): the gradient reaching drop(x)·Aᵀ.
-        let mut g = vec![0f32; n * r];
-        if need_x || need_a {
-            matmul_into(&mut g, v.dy, v.b, self.scale, false, true);
-        }
-        let gv = MatView::rows(&g, n, r);
-        let mut dx = need_x.then(|| {
-            let mut dx = vec![0f32; n * in_dim];
-            matmul_into(&mut dx, v.dy, v.w, 1.0, false, true); // dy · W
-            dx
-        });
-        let mut xa = need_b.then(|| vec![0f32; n * r]);
-
-        // One pass over row chunks regenerates each chunk of drop(x) once for dA and
-        // drop(x)·Aᵀ, and applies the mask to the LoRA part of dx.
-        let chunks = n.div_ceil(CHUNK_ROWS);
-        let mut dx_parts: Vec<Option<&mut [f32]>> = match dx.as_mut() {
-            Some(d) if in_dim > 0 => d.chunks_mut(CHUNK_ROWS * in_dim).map(Some).collect(),
-            _ => (0..chunks).map(|_| None).collect(),
-        };
-        let mut xa_parts: Vec<Option<&mut [f32]>> = match xa.as_mut() {
-            Some(d) if r > 0 => d.chunks_mut(CHUNK_ROWS * r).map(Some).collect(),
-            _ => (0..chunks).map(|_| None).collect(),
-        };
-        dx_parts.resize_with(chunks, || None);
-        xa_parts.resize_with(chunks, || None);
-        let partial_da: Vec<Vec<f32>> = dx_parts
-            .into_par_iter()
-            .zip(xa_parts.into_par_iter())
-            .enumerate()
-            .map(|(c, (dx_c, xa_c))| {
-                let r0 = c * CHUNK_ROWS;
-                let len = CHUNK_ROWS.min(n - r0);
-                let g_c = row_block(gv, r0, len);
-                let mut buf = Vec::new();
-                let mut da = Vec::new();
-                if need_a || need_b {
-                    let d = dropped_block(v.x, mask, r0, len, &mut buf);
-                    if let Some(xa_c) = xa_c {
-                        matmul_into(xa_c, d, v.a.t(), 1.0, false, false);
-                    }
-                    if need_a {
-                        da = vec![0f32; r * in_dim];
-                        matmul_into(&mut da, g_c.t(), d, 1.0, false, false);
-                    }
-                }
-                if let Some(dx_c) = dx_c {
-                    if mask.active() {
-                        let mut t = vec![0f32; len * in_dim];
-                        matmul_into(&mut t, g_c, v.a, 1.0, false, false); // g·A
-                        for i in 0..len {
-                            let rows = i * in_dim..(i + 1) * in_dim;
-                            mask.add_masked_row(r0 + i, &t[rows.clone()], &mut dx_c[rows]);
-                        }
-                    } else {
-                        matmul_into(dx_c, g_c, v.a, 1.0, true, false);
-                    }
-                }
-                da
-            })
-            .collect();
-        let da = need_a.then(|| {
-            let mut da = vec![0f32; r * in_dim];
-            for p in partial_da.iter().filter(|p| !p.is_empty()) {
-                da.iter_mut().zip(p).for_each(|(d, &p)| *d += p);
-            }
-            da
-        });
-        // dB = s · dyᵀ · (drop(x)·Aᵀ)  (out, r)
-        let db = xa.map(|xa| {
-            let mut db = vec![0f32; v.b.rows * r];
-            matmul_into(
-                &mut db,
-                v.dy.t(),
-                MatView::rows(&xa, n, r),
-                self.scale,
-                false,
-                true,
-            );
-            db
-        });
-        (dx, da, db)
-    }
+/// Dense row-major gradients, each only when asked for.
+struct Grads {
+    x: Option<Vec<f32>>,
+    a: Option<Vec<f32>>,
+    b: Option<Vec<f32>>,
+    c: Option<Vec<f32>>,
 }
 
 #[cfg(test)]

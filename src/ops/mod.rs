@@ -33,6 +33,7 @@ mod softmax;
 pub use attention::causal_attention;
 pub use elementwise::{dropout, silu_mul};
 pub use lora_linear::dropout_mask as lora_dropout_mask;
+pub use lora_linear::DashTerm;
 
 /// Label value that is excluded from the loss (Hugging Face convention).
 pub const IGNORE_INDEX: i64 = -100;
@@ -57,6 +58,24 @@ pub fn lora_linear(
     seed: u64,
 ) -> Result<Tensor> {
     lora_linear::lora_linear(x, w, a, b, scale, dropout_p, seed)
+}
+
+/// [`lora_linear`] plus LoRA-Dash's dash term `x · v_s · diag(c) · u_sᵀ` (on the undropped
+/// `x`, unscaled) when `dash` is given, in the same op: the term adds no (n, out) buffer.
+/// `c (s)` gets a gradient when tracked; `u_s (out, s)` and `v_s (in, s)` are frozen.
+/// `dash` with s = 0 is the same as `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dash_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_p: f32,
+    seed: u64,
+    dash: Option<DashTerm>,
+) -> Result<Tensor> {
+    lora_linear::lora_dash_linear(x, w, a, b, scale, dropout_p, seed, dash)
 }
 
 /// Mean cross-entropy of the logits `h (n, e) · wᵀ` (`w (v, e)` frozen) against `labels`
@@ -147,6 +166,27 @@ pub mod reference {
         let base = frozen_linear(x, &w.detach())?; // (n, out)
         let xa = seeded_dropout(x, dropout_p, seed)?.matmul(&a.t()?)?; // (n, r)
         Ok((base + (xa.matmul(&b.t()?)? * scale)?)?)
+    }
+
+    /// `lora_linear` plus `(x · v_s) · diag(c) · u_sᵀ` with `u_s`, `v_s` frozen.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_dash_linear(
+        x: &Tensor,
+        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout_p: f32,
+        seed: u64,
+        dash: Option<DashTerm>,
+    ) -> Result<Tensor> {
+        let y = lora_linear(x, w, a, b, scale, dropout_p, seed)?; // (n, out)
+        let Some(d) = dash.filter(|d| d.s() > 0) else {
+            return Ok(y);
+        };
+        let xv = x.matmul(&d.v_s.detach())?; // (n, s)
+        let dash = xv.broadcast_mul(d.c)?.matmul(&d.u_s.detach().t()?)?; // (n, out)
+        Ok((y + dash)?)
     }
 
     pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
