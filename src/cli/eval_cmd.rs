@@ -134,18 +134,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The cutoff a lora-dash run directory was trained with (its `run_config.json`).
-fn run_cutoff(adapter: Option<&std::path::Path>) -> Option<usize> {
+/// The `run_config.json` of a lora-dash run directory, when `adapter` is one.
+fn run_config(adapter: Option<&std::path::Path>) -> Option<serde_json::Value> {
     let p = adapter?.join(crate::train::trainer::CONFIG_FILE);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-    v.get("cutoff_len")?.as_u64().map(|x| x as usize)
-}
-
-/// The task a lora-dash run directory was trained on, when it says.
-fn run_task(adapter: Option<&std::path::Path>) -> Option<String> {
-    let p = adapter?.join(crate::train::trainer::CONFIG_FILE);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-    Some(v.get("task")?.as_str().unwrap_or("instruction").to_string())
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
 /// `eval --task`: GLUE metrics per data file, `results.json` and `predictions.jsonl`.
@@ -165,7 +157,13 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
     if args.batch_size == 0 {
         return Err(Error::config("batch_size", "must be at least 1"));
     }
-    if let Some(t) = run_task(args.adapter.as_deref()) {
+    let run = run_config(args.adapter.as_deref());
+    // A run's `task` is null for instruction tuning.
+    let run_task = run
+        .as_ref()
+        .and_then(|v| v.get("task"))
+        .map(|t| t.as_str().unwrap_or("instruction").to_string());
+    if let Some(t) = run_task {
         if DataTask::parse(Some(&t)).ok() != Some(task) {
             return Err(Error::format(
                 args.adapter.clone().unwrap_or_default(),
@@ -175,7 +173,11 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
     }
     let cutoff_len = args
         .cutoff_len
-        .or_else(|| run_cutoff(args.adapter.as_deref()))
+        .or_else(|| {
+            run.as_ref()
+                .and_then(|v| v.get("cutoff_len")?.as_u64())
+                .map(|x| x as usize)
+        })
         .unwrap_or(256);
     if cutoff_len < 2 {
         return Err(Error::config("cutoff_len", "must be at least 2"));
