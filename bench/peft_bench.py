@@ -108,6 +108,9 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--synthetic", type=int, metavar="T", default=0,
+                    help="instead of the data, batches of --batch-size rows of T random token "
+                         "ids, no padding (the shapes of `profile_step` with T=...)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -123,11 +126,17 @@ def main():
     model.train()
     load_s = time.perf_counter() - t0
 
-    records = json.loads(args.data.read_text())
     total = args.warmup + args.steps
     n_rows = total * args.batch_size
-    rows = [tokenize(tok, add_special, eos_id, records[i % len(records)], args.cutoff_len)
-            for i in range(n_rows)]
+    if args.synthetic:
+        g = torch.Generator().manual_seed(args.seed)
+        vocab = model.config.vocab_size
+        rows = [torch.randint(0, vocab, (args.synthetic,), generator=g).tolist()
+                for _ in range(n_rows)]
+    else:
+        records = json.loads(args.data.read_text())
+        rows = [tokenize(tok, add_special, eos_id, records[i % len(records)], args.cutoff_len)
+                for i in range(n_rows)]
     batches = [collate(rows[i: i + args.batch_size]) for i in range(0, n_rows, args.batch_size)]
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
@@ -162,6 +171,7 @@ def main():
         "cutoff_len": args.cutoff_len,
         "warmup_steps": args.warmup,
         "steps": args.steps,
+        "synthetic_t": args.synthetic or None,
         "timed_tokens": timed_tokens,
         "tokens_per_s": timed_tokens / wall if wall > 0 else None,
         "step_time_s": wall / len(step_times) if step_times else None,

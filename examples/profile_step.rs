@@ -69,7 +69,11 @@ fn encoder(path: &str, task: &str, data: &str) -> lora_dash::Result<()> {
         train_on_inputs: false,
     };
     let examples = task.load_examples(&tok, &[data.into()], opts)?;
-    for it in 0..4u64 {
+    let iters = env_usize("ITERS", 4) as u64;
+    for it in 0..iters {
+        if it == 1 {
+            lora_dash::ops::gemm_profile::take();
+        }
         let start = (it as usize * b) % examples.len().max(1);
         let rows: Vec<_> = examples.iter().cycle().skip(start).take(b).collect();
         let batch = collate(&rows, tok.pad_or_eos())?;
@@ -93,11 +97,60 @@ fn encoder(path: &str, task: &str, data: &str) -> lora_dash::Result<()> {
             ntok as f64 / (t2 - t0).as_secs_f64()
         );
     }
+    print_gemm_profile(iters.saturating_sub(1).max(1) as f64);
     println!(
         "peak RSS {:.2} GiB",
         lora_dash::train::trainer::peak_rss_bytes() as f64 / (1u64 << 30) as f64
     );
     Ok(())
+}
+
+/// With `LORA_DASH_PROFILE_GEMM=1`: per GEMM call site, per step, the FLOPs, wall and
+/// core seconds and GFLOP/s per busy core (iterations after the first).
+fn print_gemm_profile(steps: f64) {
+    let sites = lora_dash::ops::gemm_profile::take();
+    if sites.is_empty() {
+        return;
+    }
+    println!(
+        "{:<44} {:>7} {:>9} {:>8} {:>8} {:>10} {:>18}",
+        "GEMM call site (per step)",
+        "calls",
+        "GFLOP",
+        "wall s",
+        "core s",
+        "GFLOP/s/c",
+        "largest m,k,n"
+    );
+    let mut rows: Vec<_> = sites.into_iter().collect();
+    rows.sort_by(|a, b| b.1.core_seconds.total_cmp(&a.1.core_seconds));
+    let (mut f, mut c) = (0.0, 0.0);
+    for (site, s) in rows {
+        let short = site.rsplit("src/").next().unwrap_or(&site).to_string();
+        println!(
+            "{:<44} {:>7.0} {:>9.2} {:>8.3} {:>8.3} {:>10.1} {:>18}",
+            short,
+            s.calls as f64 / steps,
+            s.flops / steps / 1e9,
+            s.seconds / steps,
+            s.core_seconds / steps,
+            s.flops / s.core_seconds.max(1e-12) / 1e9,
+            format!("{},{},{}", s.shape.0, s.shape.1, s.shape.2)
+        );
+        f += s.flops / steps;
+        c += s.core_seconds / steps;
+    }
+    // Calls made inside a parallel chunk run one per core at the same time: their wall
+    // seconds overlap, so only core seconds add up.
+    println!(
+        "{:<44} {:>7} {:>9.2} {:>8} {:>8.3} {:>10.1}",
+        "all GEMMs",
+        "",
+        f / 1e9,
+        "",
+        c,
+        f / c.max(1e-12) / 1e9
+    );
 }
 
 fn decoder(path: &str) -> lora_dash::Result<()> {
@@ -117,7 +170,9 @@ fn decoder(path: &str) -> lora_dash::Result<()> {
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let mask = Tensor::ones((b, t), DType::F32, &Device::Cpu)?;
     let labels = ids.to_dtype(DType::I64)?;
-    for it in 0..3 {
+    let iters = env_usize("ITERS", 3) as u64;
+    let mut timed = (0usize, 0f64);
+    for it in 0..iters {
         let ctx = Ctx::train(lora_dash::rng::Rng::new(it));
         let (c0, t0) = (cpu_seconds(), Instant::now());
         let h = m.forward_hidden(&ids, Some(&mask), None, None, &ctx)?;
@@ -138,10 +193,20 @@ fn decoder(path: &str) -> lora_dash::Result<()> {
             c4.1 - c0.1,
             (b * t) as f64 / (t4 - t0).as_secs_f64()
         );
+        if it > 0 {
+            timed = (timed.0 + b * t, timed.1 + (t4 - t0).as_secs_f64());
+        } else {
+            lora_dash::ops::gemm_profile::take();
+        }
     }
+    print_gemm_profile(iters.saturating_sub(1).max(1) as f64);
+    let peak = lora_dash::train::trainer::peak_rss_bytes() as f64 / (1u64 << 30) as f64;
+    println!("peak RSS {peak:.2} GiB");
+    // One JSON line for bench scripts: the iterations after the first.
     println!(
-        "peak RSS {:.2} GiB",
-        lora_dash::train::trainer::peak_rss_bytes() as f64 / (1u64 << 30) as f64
+        "{{\"tokens_per_s\": {:.2}, \"step_time_s\": {:.3}, \"peak_rss_gib\": {peak:.3}, \"batch\": {b}, \"t\": {t}}}",
+        timed.0 as f64 / timed.1.max(1e-9),
+        timed.1 / (iters.max(2) - 1) as f64
     );
     Ok(())
 }

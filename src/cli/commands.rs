@@ -151,6 +151,10 @@ pub fn bench(mut args: TrainArgs, skip: usize) -> Result<()> {
         .iter()
         .filter_map(|r| r.extra.get("tokens").and_then(|v| v.as_f64()))
         .sum();
+    let positions: f64 = timed
+        .iter()
+        .filter_map(|r| r.extra.get("batch_tokens").and_then(|v| v.as_f64()))
+        .sum();
     let secs: f64 = timed
         .iter()
         .filter_map(|r| r.extra.get("step_s").and_then(|v| v.as_f64()))
@@ -163,6 +167,8 @@ pub fn bench(mut args: TrainArgs, skip: usize) -> Result<()> {
         "method": cfg.method.name(),
         "steps_timed": timed.len(),
         "tokens_per_s": tokens / secs,
+        "padding_fraction": 1.0 - tokens / positions.max(1.0),
+        "group_by_length": cfg.group_by_length,
         "step_time_s": secs / timed.len().max(1) as f64,
         "peak_rss_gib": s.peak_rss_bytes as f64 / (1u64 << 30) as f64,
         "final_loss": s.last_loss,

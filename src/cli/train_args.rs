@@ -114,6 +114,11 @@ pub struct TrainArgs {
     /// Use at most N training records.
     #[arg(long)]
     pub max_records: Option<usize>,
+    /// Batch examples of similar length together (shuffled megabatches, as transformers'
+    /// `group_by_length`), which cuts padding; default true, `--group-by-length false` turns
+    /// it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub group_by_length: Option<bool>,
     /// Replace an existing run directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite: Option<bool>,
@@ -189,6 +194,7 @@ impl TrainArgs {
                 seed,
                 train_on_inputs,
                 max_records,
+                group_by_length,
                 overwrite,
                 resume
             );
@@ -303,6 +309,7 @@ impl TrainArgs {
             overwrite: a.overwrite.unwrap_or(false),
             resume: a.resume,
             max_records: a.max_records,
+            group_by_length: a.group_by_length.unwrap_or(true),
         };
         cfg.validate()?;
         Ok(cfg)

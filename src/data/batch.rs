@@ -191,13 +191,21 @@ pub struct LoaderState {
 
 /// Yields batches of example indices: a fresh seeded permutation per epoch, `batch_size` at a
 /// time, the last batch of an epoch possibly shorter (as with PyTorch's `drop_last=False`).
-/// The order of epoch `e` depends only on `(seed, e)`, so restoring a [`LoaderState`]
-/// reproduces the remaining batches exactly.
+/// The order of epoch `e` depends only on `(seed, e)` (and the example lengths when grouping
+/// by length), so restoring a [`LoaderState`] reproduces the remaining batches exactly.
+///
+/// With [`Loader::group_by_length`], each epoch's permutation is cut into megabatches of
+/// `min(n / (4·batch_size), 50)` batches, each megabatch sorted by length (longest first), as
+/// transformers' `LengthGroupedSampler` does, and the resulting batches are then shuffled
+/// (the short last batch stays last). Rows of a batch then have similar lengths, so little
+/// of the batch is padding; which examples an epoch sees is unchanged.
 #[derive(Debug, Clone)]
 pub struct Loader {
     n: usize,
     batch_size: usize,
     seed: u64,
+    /// Example lengths, when batches are grouped by length.
+    lengths: Option<Vec<usize>>,
     state: LoaderState,
     order: Vec<usize>,
 }
@@ -234,9 +242,33 @@ impl Loader {
             n: n_examples,
             batch_size,
             seed,
+            lengths: None,
             state,
             order: epoch_order(n_examples, seed, state.epoch),
         })
+    }
+
+    /// Groups each epoch's batches by example length (`lengths[i]` is example `i`'s token
+    /// count); see [`Loader`].
+    pub fn group_by_length(mut self, lengths: Vec<usize>) -> Result<Self> {
+        if lengths.len() != self.n {
+            return Err(Error::msg(format!(
+                "loader was built for {} examples, got {} lengths",
+                self.n,
+                lengths.len()
+            )));
+        }
+        self.lengths = Some(lengths);
+        self.order = self.order_of(self.state.epoch);
+        Ok(self)
+    }
+
+    fn order_of(&self, epoch: usize) -> Vec<usize> {
+        let order = epoch_order(self.n, self.seed, epoch);
+        match &self.lengths {
+            None => order,
+            Some(len) => length_grouped(order, len, self.batch_size, self.seed, epoch),
+        }
     }
 
     pub fn state(&self) -> LoaderState {
@@ -254,7 +286,7 @@ impl Loader {
 
     /// The example order of `epoch`.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        epoch_order(self.n, self.seed, epoch)
+        self.order_of(epoch)
     }
 
     /// The next batch's example indices; moves to the next epoch after the last batch.
@@ -267,7 +299,7 @@ impl Loader {
                 epoch: self.state.epoch + 1,
                 cursor: 0,
             };
-            self.order = epoch_order(self.n, self.seed, self.state.epoch);
+            self.order = self.order_of(self.state.epoch);
         } else {
             self.state.cursor = end;
         }
@@ -293,6 +325,32 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     Rng::derive(seed, &format!("loader_epoch_{epoch}")).shuffle(&mut order);
     order
+}
+
+/// transformers' `get_length_grouped_indices` on the permutation `order`, then the batches
+/// shuffled with a generator of their own (the last, possibly short, batch kept last).
+fn length_grouped(
+    order: Vec<usize>,
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<usize> {
+    let n = order.len();
+    let mult = (n / (batch_size * 4)).clamp(1, 50);
+    let mut sorted = order;
+    for mega in sorted.chunks_mut(mult * batch_size) {
+        // Stable, so equal lengths keep the permutation's order.
+        mega.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
+    }
+    let mut batches: Vec<&[usize]> = sorted.chunks(batch_size).collect();
+    let full = if n % batch_size == 0 {
+        batches.len()
+    } else {
+        batches.len() - 1
+    };
+    Rng::derive(seed, &format!("length_groups_{epoch}")).shuffle(&mut batches[..full]);
+    batches.concat()
 }
 
 #[cfg(test)]
@@ -426,5 +484,67 @@ mod tests {
             col,
             order[..4].iter().map(|&i| i as u32 + 3).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn group_by_length_cuts_padding_and_resumes_exactly() {
+        // 203 examples (a short last batch) with lengths 1..=203 in a scrambled order.
+        let n = 203;
+        let lengths: Vec<usize> = (0..n).map(|i| (i * 37) % n + 1).collect();
+        let padded = |l: &mut Loader| -> (usize, Vec<usize>, usize) {
+            let (mut pad, mut seen, mut last) = (0, Vec::new(), 0);
+            for _ in 0..l.steps_per_epoch() {
+                let b = l.next_indices();
+                last = b.len();
+                let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
+                pad += b.iter().map(|&i| longest - lengths[i]).sum::<usize>();
+                seen.extend(b);
+            }
+            (pad, seen, last)
+        };
+        let mut plain = Loader::new(n, 8, 3).unwrap();
+        let mut grouped = Loader::new(n, 8, 3)
+            .unwrap()
+            .group_by_length(lengths.clone())
+            .unwrap();
+        let (pad_plain, _, _) = padded(&mut plain);
+        let (pad_grouped, seen, last) = padded(&mut grouped);
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (0..n).collect::<Vec<_>>(),
+            "every example once per epoch"
+        );
+        // Megabatches of min(203 / 32, 50) = 6 batches (48 examples) sorted by length: within
+        // one, neighbours differ by about 203 / 48 ≈ 4, so the 8 rows of a batch span ~30
+        // and pad ~8·15 tokens; a random batch pads ~8·(203·8/9 − 102) ≈ 8·78.
+        println!("padding: plain {pad_plain}, grouped {pad_grouped}");
+        assert!(pad_grouped * 3 < pad_plain, "{pad_grouped} vs {pad_plain}");
+        assert_eq!(last, n % 8, "the short batch comes last");
+        assert_eq!(grouped.state().epoch, 1);
+        let e1 = grouped.epoch_order(1);
+        assert_ne!(seen, e1, "each epoch is regrouped");
+        // The same batches again from a resumed loader.
+        let mut a = Loader::new(n, 8, 3)
+            .unwrap()
+            .group_by_length(lengths.clone())
+            .unwrap();
+        let all: Vec<Vec<usize>> = (0..40).map(|_| a.next_indices()).collect();
+        let mut b = Loader::new(n, 8, 3)
+            .unwrap()
+            .group_by_length(lengths.clone())
+            .unwrap();
+        let mut resumed: Vec<Vec<usize>> = (0..30).map(|_| b.next_indices()).collect();
+        let mut c = Loader::resume(n, 8, 3, b.state())
+            .unwrap()
+            .group_by_length(lengths.clone())
+            .unwrap();
+        resumed.extend((0..10).map(|_| c.next_indices()));
+        assert_eq!(all, resumed);
+        assert!(Loader::new(n, 8, 3)
+            .unwrap()
+            .group_by_length(vec![1; 5])
+            .is_err());
     }
 }

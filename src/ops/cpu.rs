@@ -152,7 +152,84 @@ impl<'a> MatView<'a> {
 ///
 /// Runs on faer's matmul: on the AVX2 machines this targets it is about 1.5–2× as fast as
 /// the `gemm` crate candle's own CPU matmul uses (same shapes, same thread count).
+#[track_caller]
 pub(crate) fn matmul_into(
+    dst: &mut [f32],
+    a: MatView,
+    b: MatView,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if gemm_profile::enabled() {
+        let at = std::panic::Location::caller();
+        let t = std::time::Instant::now();
+        matmul_into_impl(dst, a, b, alpha, accumulate, parallel);
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        gemm_profile::record(at, (a.rows, a.cols, b.cols), threads, t.elapsed());
+    } else {
+        matmul_into_impl(dst, a, b, alpha, accumulate, parallel);
+    }
+}
+
+/// Per-call-site GEMM time and FLOPs, for the step profile in BENCHMARKS.md: enabled by
+/// `LORA_DASH_PROFILE_GEMM=1`, read with [`gemm_profile::take`]. Off, it costs one load
+/// of a flag per product.
+pub mod gemm_profile {
+    use std::collections::BTreeMap;
+    use std::panic::Location;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    use std::time::Duration;
+
+    /// One call site's totals.
+    #[derive(Debug, Clone, Default)]
+    pub struct Site {
+        pub calls: u64,
+        pub flops: f64,
+        /// Wall seconds of the calls.
+        pub seconds: f64,
+        /// Core-seconds: wall seconds × the threads each call ran on.
+        pub core_seconds: f64,
+        /// Largest (m, k, n) seen.
+        pub shape: (usize, usize, usize),
+    }
+
+    static ON: OnceLock<bool> = OnceLock::new();
+    static SITES: Mutex<BTreeMap<String, Site>> = Mutex::new(BTreeMap::new());
+
+    pub fn enabled() -> bool {
+        *ON.get_or_init(|| std::env::var("LORA_DASH_PROFILE_GEMM").is_ok_and(|v| v == "1"))
+    }
+
+    pub(crate) fn record(
+        at: &Location,
+        (m, k, n): (usize, usize, usize),
+        threads: usize,
+        dt: Duration,
+    ) {
+        let key = format!("{}:{}", at.file(), at.line());
+        let mut sites = SITES.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = sites.entry(key).or_default();
+        s.calls += 1;
+        s.flops += 2.0 * (m * k * n) as f64;
+        s.seconds += dt.as_secs_f64();
+        s.core_seconds += dt.as_secs_f64() * threads as f64;
+        if m * k * n > s.shape.0 * s.shape.1 * s.shape.2 {
+            s.shape = (m, k, n);
+        }
+    }
+
+    /// The totals so far, by `file:line` of the call site; resets them.
+    pub fn take() -> BTreeMap<String, Site> {
+        std::mem::take(&mut *SITES.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+fn matmul_into_impl(
     dst: &mut [f32],
     a: MatView,
     b: MatView,
@@ -188,6 +265,7 @@ pub(crate) fn matmul_into(
     } else {
         faer::Par::Seq
     };
+    let split = parallel && threads > 1 && split_gemm() && m * n * k >= SPLIT_MIN_FLOP;
     // SAFETY: every (row, col) of both views addresses an in-bounds element (checked above)
     // and the views only read.
     let (av, bv) = unsafe {
@@ -214,7 +292,61 @@ pub(crate) fn matmul_into(
     } else {
         faer::Accum::Replace
     };
-    faer::linalg::matmul::matmul(c, acc, av, bv, alpha, par);
+    if split {
+        split_matmul(c, acc, av, bv, alpha, threads);
+    } else {
+        faer::linalg::matmul::matmul(c, acc, av, bv, alpha, par);
+    }
+}
+
+/// Products smaller than this (m·n·k) are not worth splitting across threads.
+const SPLIT_MIN_FLOP: usize = 1 << 20;
+
+/// Whether parallel products are split into one sequential product per thread (the
+/// default) instead of handing the thread count to faer. faer's parallel kernel synchronises
+/// its threads after every block of the product; for the short products of a training step
+/// (a few hundred rows) those waits cost more than the split's duplicated packing.
+/// `LORA_DASH_GEMM=faer` restores faer's own split.
+fn split_gemm() -> bool {
+    static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| std::env::var("LORA_DASH_GEMM").map_or(true, |v| v != "faer"))
+}
+
+/// `c = acc(c, alpha · a · b)` as `parts` independent sequential products over contiguous
+/// slabs of the output: rows when there are enough of them, else columns.
+fn split_matmul(
+    c: faer::MatMut<f32>,
+    acc: faer::Accum,
+    a: faer::MatRef<f32>,
+    b: faer::MatRef<f32>,
+    alpha: f32,
+    parts: usize,
+) {
+    let (m, n) = (c.nrows(), c.ncols());
+    if parts <= 1 || (m < 2 && n < 2) {
+        faer::linalg::matmul::matmul(c, acc, a, b, alpha, faer::Par::Seq);
+        return;
+    }
+    let left = parts / 2;
+    let right = parts - left;
+    // Split rows while each part keeps at least 16 of them; otherwise split columns.
+    if m >= 16 * parts || m >= n {
+        let mid = m * left / parts;
+        let (c0, c1) = c.split_at_row_mut(mid);
+        let (a0, a1) = a.split_at_row(mid);
+        rayon::join(
+            || split_matmul(c0, acc, a0, b, alpha, left),
+            || split_matmul(c1, acc, a1, b, alpha, right),
+        );
+    } else {
+        let mid = n * left / parts;
+        let (c0, c1) = c.split_at_col_mut(mid);
+        let (b0, b1) = b.split_at_col(mid);
+        rayon::join(
+            || split_matmul(c0, acc, a, b0, alpha, left),
+            || split_matmul(c1, acc, a, b1, alpha, right),
+        );
+    }
 }
 
 /// Rows at least this long are worth a rayon task each; shorter rows are batched.

@@ -39,6 +39,7 @@ struct FrozenLinearBwd {
 
 /// Runs `x (m, k)` against the weight's storage. `transpose_w` selects `x · wᵀ` (forward,
 /// k = in) or `x · w` (backward, k = out).
+#[track_caller]
 fn apply_weight(
     w: &Tensor,
     x: &[f32],

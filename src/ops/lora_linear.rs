@@ -96,6 +96,7 @@ pub fn lora_dash_linear(
         w: w.detach(),
         scale: scale as f32,
         mask: MaskSpec::new(dropout_p, seed),
+        thin: std::sync::Mutex::new(None),
     };
     match dash {
         None => Ok(x.apply_op3(a, b, lora)?),
@@ -147,6 +148,10 @@ struct LoraLinear {
     w: Tensor,
     scale: f32,
     mask: MaskSpec,
+    /// The forward's thin projection `[drop(x)·Aᵀ | x·V_s]` (n, r + s), kept for the
+    /// backward (dB and dc read it) when the output is part of a graph: n·(r + s) floats
+    /// instead of a second pass over x. Each call builds its own op, so one forward fills it.
+    thin: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// The dash term as the kernels read it.
@@ -329,6 +334,7 @@ impl LoraLinear {
                 true,
                 true,
             );
+            self.keep(xa);
             return y;
         };
         // Both low-rank terms in one accumulating product, so y is read and written once:
@@ -344,7 +350,26 @@ impl LoraLinear {
             true,
             true,
         );
+        self.keep(left);
         y
+    }
+
+    fn keep(&self, thin: Vec<f32>) {
+        *self
+            .thin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thin);
+    }
+
+    /// The kept thin projection, when it matches `n` rows of width `k` (taken: the backward
+    /// runs once).
+    fn take_thin(&self, n: usize, k: usize) -> Option<Vec<f32>> {
+        let t = self
+            .thin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        (t.len() == n * k).then_some(t)
     }
 }
 

@@ -17,6 +17,7 @@ use crate::error::Result;
 
 mod attention;
 mod cpu;
+pub use cpu::gemm_profile;
 mod elementwise;
 mod encoder_attention;
 mod gelu;

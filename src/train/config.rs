@@ -100,6 +100,10 @@ pub struct TrainConfig {
     pub resume: Option<PathBuf>,
     /// Cap on the number of training records (after shuffling), for quick runs.
     pub max_records: Option<usize>,
+    /// Batches of similar-length examples (`data::batch::Loader::group_by_length`). Absent
+    /// from run files written before it existed, which batched at random.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 /// Most epochs a run may ask for; with any realistic data set the step count stays far

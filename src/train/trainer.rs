@@ -331,7 +331,15 @@ fn run_loop(
         None => None,
     };
     let fp = fingerprint(cfg);
-    let mut loader = Loader::new(train.len(), cfg.batch_size, cfg.seed)?;
+    let lengths = || train.iter().map(|e| e.len()).collect::<Vec<_>>();
+    let group = |l: Loader| {
+        if cfg.group_by_length {
+            l.group_by_length(lengths())
+        } else {
+            Ok(l)
+        }
+    };
+    let mut loader = group(Loader::new(train.len(), cfg.batch_size, cfg.seed)?)?;
     let mut rng = Rng::derive(cfg.seed, "dropout");
     let mut step = 0usize;
     let metrics_path = cfg.out.join(METRICS_FILE);
@@ -352,7 +360,12 @@ fn run_loop(
             }
             restore_vars(&model.trainable_vars(), &ck.trainable)?;
             resumed_opt_state = Some(&ck.optimizer);
-            loader = Loader::resume(train.len(), cfg.batch_size, cfg.seed, ck.state.loader)?;
+            loader = group(Loader::resume(
+                train.len(),
+                cfg.batch_size,
+                cfg.seed,
+                ck.state.loader,
+            )?)?;
             rng = ck.state.rng.clone();
             step = ck.state.step;
             eprintln!("resuming from {} at step {step}", ck.dir.display());
@@ -400,11 +413,13 @@ fn run_loop(
         let mut acc: Option<GradStore> = None;
         let mut loss_sum = 0f32;
         let mut tokens = 0usize;
+        let mut batch_tokens = 0usize;
         for _ in 0..cfg.grad_accum {
             let idx = loader.next_indices();
             let exs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
             let batch = collate(&exs, pad_id)?.to_device(&dev)?;
             tokens += batch.n_tokens;
+            batch_tokens += batch.input_ids.elem_count();
             let ctx = Ctx::train(rng.clone());
             let loss = model.loss(&batch, &ctx)?;
             rng = ctx.into_rng();
@@ -462,6 +477,9 @@ fn run_loop(
             ..Default::default()
         };
         rec.extra.insert("tokens".into(), serde_json::json!(tokens));
+        // Positions computed, padding included.
+        rec.extra
+            .insert("batch_tokens".into(), serde_json::json!(batch_tokens));
         rec.extra.insert("step_s".into(), serde_json::json!(dt));
         if let Some(rt) = dash.as_mut() {
             if !rt.state.switched && step == rt.cfg.t {

@@ -190,6 +190,97 @@ impl SvdCache {
     }
 }
 
+/// A finished background SVD: in memory, or in its cache entry, read back when it is
+/// needed. The second keeps a run's memory free of SVDs that LoRA-Dash reads only once, at
+/// the switch (for SmolLM2-135M's q, k, v, up, down they are 0.4 GB).
+#[derive(Clone)]
+enum Done {
+    Resident(Arc<Svd>),
+    Stored {
+        path: PathBuf,
+        hash: String,
+        w: Tensor,
+    },
+}
+
+impl SvdCache {
+    /// Makes sure `w`'s SVD is in the cache and returns where; the SVD itself stays in
+    /// memory only when the cache is disabled or cannot be written. `hit` says whether it
+    /// was there already.
+    fn ensure(&self, w: &Tensor, threads: usize) -> Result<(Done, bool)> {
+        let hash = weight_hash(w)?;
+        if let Some(path) = self.file(&hash) {
+            if path.exists() && entry_of(&path, &hash) {
+                return Ok((
+                    Done::Stored {
+                        path,
+                        hash,
+                        w: w.clone(),
+                    },
+                    true,
+                ));
+            }
+        }
+        let (svd, hit) = self.get_or_compute(w, threads)?;
+        Ok(match self.file(&hash) {
+            Some(path) if path.exists() => (
+                Done::Stored {
+                    path,
+                    hash,
+                    w: w.clone(),
+                },
+                hit,
+            ),
+            _ => (Done::Resident(Arc::new(svd)), hit),
+        })
+    }
+}
+
+impl Done {
+    /// The SVD, read and verified from its cache entry when stored; recomputed (with a note)
+    /// when the entry went bad since it was written.
+    fn load(&self) -> Result<Arc<Svd>> {
+        match self {
+            Done::Resident(s) => Ok(s.clone()),
+            Done::Stored { path, hash, w } => {
+                let (m, n) = w.dims2()?;
+                match read(path, hash, m, n) {
+                    Ok(s) => Ok(Arc::new(s)),
+                    Err(e) => {
+                        eprintln!("note: SVD cache entry recomputed: {e}");
+                        Ok(Arc::new(thin_svd(w, rayon::current_num_threads())?))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether the header of the cache entry at `path` names the weight `hash` (the contents
+/// are verified when read).
+fn entry_of(path: &Path, hash: &str) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let n = u64::from_le_bytes(len);
+    if n > 1 << 24 {
+        return false;
+    }
+    let mut header = vec![0u8; n as usize];
+    if f.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return false;
+    };
+    v["__metadata__"][META_WEIGHT].as_str() == Some(hash)
+}
+
 /// Reads and verifies a cache entry for an (m, n) weight of hash `hash`.
 fn read(path: &Path, hash: &str, m: usize, n: usize) -> Result<Svd> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -216,7 +307,7 @@ fn read(path: &Path, hash: &str, m: usize, n: usize) -> Result<Svd> {
     })
 }
 
-type Slots = HashMap<String, std::result::Result<Arc<Svd>, String>>;
+type Slots = HashMap<String, std::result::Result<Done, String>>;
 
 /// What the background thread shares with the waiters.
 #[derive(Default)]
@@ -259,15 +350,16 @@ pub struct SvdPrefetch {
 impl SvdPrefetch {
     /// Starts computing the SVD of every `(name, weight)` on one background thread,
     /// through `cache`.
+    /// Finished SVDs wait in the cache, not in memory, when the cache is enabled.
     pub fn start(weights: Vec<(String, Tensor)>, cache: SvdCache) -> Self {
         let hits = Arc::new(Mutex::new(0usize));
         let h2 = hits.clone();
-        Self::start_with(weights, move |_, w| {
-            let (svd, hit) = cache.get_or_compute(w, 1)?;
+        Self::spawn(weights, move |_, w| {
+            let (done, hit) = cache.ensure(w, 1)?;
             if hit {
                 *h2.lock().unwrap_or_else(PoisonError::into_inner) += 1;
             }
-            Ok(svd)
+            Ok(done)
         })
         .with_hits(hits)
     }
@@ -281,6 +373,15 @@ impl SvdPrefetch {
     pub fn start_with(
         weights: Vec<(String, Tensor)>,
         svd: impl Fn(&str, &Tensor) -> Result<Svd> + Send + 'static,
+    ) -> Self {
+        Self::spawn(weights, move |name, w| {
+            Ok(Done::Resident(Arc::new(svd(name, w)?)))
+        })
+    }
+
+    fn spawn(
+        weights: Vec<(String, Tensor)>,
+        svd: impl Fn(&str, &Tensor) -> Result<Done> + Send + 'static,
     ) -> Self {
         let state: Arc<(Mutex<Shared>, Condvar)> = Arc::default();
         let names: std::collections::BTreeSet<String> =
@@ -298,7 +399,7 @@ impl SvdPrefetch {
                     let r =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svd(&name, &w)));
                     let r = match r {
-                        Ok(Ok(s)) => Ok(Arc::new(s)),
+                        Ok(Ok(s)) => Ok(s),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
                     };
@@ -343,8 +444,12 @@ impl SvdPrefetch {
         let mut s = lock.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(r) = s.slots.get(name) {
-                return r
+                let done = r
                     .clone()
+                    .map_err(|e| Error::msg(format!("SVD of `{name}`: {e}")))?;
+                drop(s);
+                return done
+                    .load()
                     .map_err(|e| Error::msg(format!("SVD of `{name}`: {e}")));
             }
             if s.finished {
@@ -406,8 +511,28 @@ mod tests {
         let (b, hit) = cache.get_or_compute(&w, 1).unwrap();
         assert!(hit);
         assert_eq!(a.sigma, b.sigma);
-        let p = SvdPrefetch::start(vec![("w".into(), w.clone())], cache);
+        let p = SvdPrefetch::start(vec![("w".into(), w.clone())], cache.clone());
         assert_eq!(p.wait("w").unwrap().sigma, a.sigma);
+        assert_eq!(*p.cached_hits.lock().unwrap(), 1);
+        // A fresh weight: computed in the background, kept in its cache entry, read back.
+        let w2 = (&w * 2.0).unwrap();
+        let p = SvdPrefetch::start(vec![("w2".into(), w2.clone())], cache.clone());
+        let got = p.wait("w2").unwrap();
+        assert_eq!(*p.cached_hits.lock().unwrap(), 0);
+        let path = cache.file(&weight_hash(&w2).unwrap()).unwrap();
+        assert!(path.exists());
+        let twice: Vec<f32> = a.sigma.iter().map(|x| 2.0 * x).collect();
+        for (g, t) in got.sigma.iter().zip(&twice) {
+            assert!((g - t).abs() <= 1e-4 * t.abs().max(1.0), "{g} vs {t}");
+        }
+        // An entry damaged between the background SVD and the switch is recomputed.
+        let mut bytes = std::fs::read(&path).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let again = p.wait("w2").unwrap();
+        for (g, t) in again.sigma.iter().zip(&got.sigma) {
+            assert!((g - t).abs() <= 1e-5 * t.abs().max(1.0), "{g} vs {t}");
+        }
     }
 
     fn random(m: usize, n: usize, seed: u64) -> Tensor {

@@ -34,7 +34,14 @@ impl LoraLinear {
             matmul_into(&mut dx, v.dy, v.w, 1.0, false, true); // dy · W
             dx
         });
-        let mut xa = need.b.then(|| vec![0f32; n * r]);
+        // The forward's [drop(x)·Aᵀ | x·V_s], when kept; else both are recomputed per chunk.
+        let thin = if need.b || need_c {
+            self.take_thin(n, k)
+        } else {
+            None
+        };
+        let mut xa = (need.b && thin.is_none()).then(|| vec![0f32; n * r]);
+        let thin_c = need_c && thin.is_some();
 
         // One pass over row chunks regenerates each chunk of drop(x) once for dA and
         // drop(x)·Aᵀ, applies the mask to the LoRA part of dx, and recomputes the chunk's
@@ -72,7 +79,7 @@ impl LoraLinear {
                     }
                 }
                 let mut dc = Vec::new();
-                if let (Some(d), true) = (dash, need_c) {
+                if let (Some(d), true, false) = (dash, need_c, thin_c) {
                     let mut xv = vec![0f32; len * s];
                     matmul_into(&mut xv, row_block(v.x, r0, len), d.v, 1.0, false, false);
                     dc = vec![0f32; s];
@@ -117,22 +124,32 @@ impl LoraLinear {
         });
         let c = need_c.then(|| {
             let mut dc = vec![0f64; s];
-            for (_, p) in partials.iter().filter(|p| !p.1.is_empty()) {
-                dc.iter_mut().zip(p).for_each(|(d, &p)| *d += p as f64);
+            match &thin {
+                // dc = Σ_rows (x·V_s) ⊙ h, rows in the same chunks as the recomputing path.
+                Some(t) => {
+                    for (t_i, gh_i) in t.chunks_exact(k).zip(gh.chunks_exact(k)) {
+                        dc.iter_mut()
+                            .zip(t_i[r..].iter().zip(&gh_i[r..]))
+                            .for_each(|(d, (&p, &q))| *d += (p * q) as f64);
+                    }
+                }
+                None => {
+                    for (_, p) in partials.iter().filter(|p| !p.1.is_empty()) {
+                        dc.iter_mut().zip(p).for_each(|(d, &p)| *d += p as f64);
+                    }
+                }
             }
             dc.into_iter().map(|d| d as f32).collect()
         });
         // dB = s · dyᵀ · (drop(x)·Aᵀ)  (out, r)
-        let b = xa.map(|xa| {
+        let xa = match (&thin, &xa) {
+            (Some(t), _) => Some(col_block(t, k, 0, n, 0, r)),
+            (None, Some(xa)) => Some(MatView::rows(xa, n, r)),
+            (None, None) => None,
+        };
+        let b = xa.filter(|_| need.b).map(|xa| {
             let mut db = vec![0f32; v.b.rows * r];
-            matmul_into(
-                &mut db,
-                v.dy.t(),
-                MatView::rows(&xa, n, r),
-                self.scale,
-                false,
-                true,
-            );
+            matmul_into(&mut db, v.dy.t(), xa, self.scale, false, true);
             db
         });
         Grads { x: dx, a, b, c }
