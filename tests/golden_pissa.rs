@@ -14,7 +14,7 @@ use lora_dash::adapters::{
 };
 use lora_dash::io::{self, Weights};
 use lora_dash::models::{Ctx, Llama, Model};
-use lora_dash::tsd::svd::{weight_hash, SvdCache};
+use lora_dash::tsd::svd::{thin_svd, weight_hash, SvdCache};
 
 const FWD_TOL: f32 = 1e-5;
 const R: usize = 4;
@@ -61,22 +61,44 @@ fn logits_both(m: &Llama, inp: &Weights) -> (Tensor, Tensor) {
     (right, m.logits(&h, &ctx).unwrap())
 }
 
+/// Checks a residual against the reference `prefix.path`, relative to max |W|. Both sides
+/// come from f32 SVDs, whose r-dimensional subspace errs by about eps·σ₁/(σ_r − σ_{r+1})
+/// (Wedin); the tiny model's gaps are small (layer 1 q_proj: σ₄ − σ₅ = 0.038 for σ₁ = 3.0;
+/// PEFT's own residual is off a float64 SVD's by 1.9e-6 of max |W|). The tolerance is 16
+/// times that bound, at least 1e-5, and is printed with the figure. `gap` is r for the
+/// top-r split, k − r for the bottom-r one.
+fn check_residual(path: &str, got: &Tensor, want: &Weights, prefix: &str, w: &Tensor, gap: usize) {
+    let max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let reference = want.get(&format!("{prefix}.{path}")).unwrap();
+    let d = max(&(got - reference).unwrap()) / max(w);
+    let sigma = thin_svd(w, 1).unwrap().sigma;
+    let bound = f32::EPSILON / 2.0 * sigma[0] / (sigma[gap - 1] - sigma[gap]) / max(w);
+    let tol = (16.0 * bound).max(1e-5);
+    println!("{prefix} {path}: max |diff| / max |W| = {d:.3e} (tolerance {tol:.2e})");
+    assert!(d < tol, "{prefix} {path}: {d} >= {tol}");
+}
+
 #[test]
 fn pissa_init_matches_peft() {
     let g = load_golden("tiny_logits.safetensors");
     let want = load_golden("tiny_pissa.safetensors");
+    let base = tiny();
     let mut m = tiny();
     let paths = inject_svd_init(&mut m, &cfg(), SvdInit::Pissa, &SvdCache::disabled()).unwrap();
     assert_eq!(paths.len(), 6);
-    for l in m.linears() {
+    for (l, w) in m.linears().into_iter().zip(base.linears()) {
         if l.adapter.is_some() {
-            let d = max_rel_diff(
-                &format!("residual {}", l.path),
-                &l.weight,
-                want.get(&format!("residual.{}", l.path)).unwrap(),
-                None,
-            );
-            assert!(d < FWD_TOL, "{}: {d}", l.path);
+            check_residual(&l.path, &l.weight, &want, "residual", &w.weight, R);
+            if want.get(&format!("exact_residual.{}", l.path)).is_ok() {
+                check_residual(&l.path, &l.weight, &want, "exact_residual", &w.weight, R);
+            }
         }
     }
     let (r, l) = logits_both(&m, &g);
@@ -95,16 +117,23 @@ fn pissa_init_matches_peft() {
 #[test]
 fn milora_residual_matches_reference() {
     let want = load_golden("tiny_pissa.safetensors");
+    let base = tiny();
     let mut m = tiny();
     inject_svd_init(&mut m, &cfg(), SvdInit::Milora, &SvdCache::disabled()).unwrap();
     let mut checked = 0;
-    for l in m.linears() {
-        if let Ok(w) = want.get(&format!("milora_residual.{}", l.path)) {
+    for (l, w) in m.linears().into_iter().zip(base.linears()) {
+        if want.get(&format!("milora_residual.{}", l.path)).is_ok() {
             let p = l.adapter.as_ref().and_then(Adapter::as_pissa).unwrap();
             let k = l.in_dim().min(l.out_dim());
             assert_eq!(p.indices, (k - R..k).collect::<Vec<_>>());
-            let d = max_rel_diff(&format!("milora residual {}", l.path), &l.weight, w, None);
-            assert!(d < FWD_TOL, "{}: {d}", l.path);
+            check_residual(
+                &l.path,
+                &l.weight,
+                &want,
+                "milora_residual",
+                &w.weight,
+                k - R,
+            );
             checked += 1;
         }
     }

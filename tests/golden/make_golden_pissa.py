@@ -25,6 +25,7 @@ Outputs (under tests/golden/):
     tiny_pissa.safetensors
         residual.<path>            PiSSA residual W − s·B₀·A₀ (PEFT), every target
         milora_residual.<path>     the same for MiLoRA (r smallest triplets), layer 0
+        exact_residual.<path>      PiSSA's residual from a float64 SVD, layer 0
         init_logits, init_logits_left  logits of the PiSSA-initialised model (PEFT)
         trained_logits             logits of the perturbed PiSSA model (residual base)
         converted_logits           PEFT: original base + tiny-pissa/
@@ -63,6 +64,18 @@ def targeted(model):
             if n.split(".")[-1] in TARGETS and isinstance(m, torch.nn.Linear)]
 
 
+def exact_residuals(base):
+    """The PiSSA residual of layer 0's targets from a float64 SVD: what both float32 SVDs
+    approximate (their subspaces err by ~eps·σ₁/(σ_r − σ_{r+1}))."""
+    out = {}
+    for name, m in targeted(base):
+        if name.startswith("model.layers.0."):
+            w = m.weight.detach().to(torch.float64)
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            out[f"exact_residual.{name}"] = (w - u[:, :R] @ torch.diag(s[:R]) @ vh[:R]).float()
+    return out
+
+
 def milora_residuals(base):
     out = {}
     for name, m in targeted(base):
@@ -84,6 +97,7 @@ def main():
     inp = inputs()
     tiny = GOLDEN / "tiny-llama"
     out = milora_residuals(load_tiny(tiny))
+    out.update(exact_residuals(load_tiny(tiny)))
 
     cfg = LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
                      target_modules=TARGETS, init_lora_weights="pissa")
@@ -92,6 +106,10 @@ def main():
         if hasattr(m, "lora_A") and "default" in m.lora_A:
             path = name.removeprefix("base_model.model.")
             out[f"residual.{path}"] = m.base_layer.weight.detach().clone()
+            if f"exact_residual.{path}" in out:
+                w = m.base_layer.weight.detach()
+                d = (w - out[f"exact_residual.{path}"]).abs().max().item()
+                print(f"PEFT residual {path} vs float64: max |diff| {d:.3e}")
     out["init_logits"], out["init_logits_left"] = logits_of(model, inp)
 
     work = Path(tempfile.mkdtemp())
