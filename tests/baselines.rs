@@ -130,6 +130,26 @@ fn pissa_and_milora_train_merge_and_export() {
         // Training changed the model (the init alone reproduces the base).
         let base = causal_logits(load_base(&tiny()).as_ref());
         assert!(max_rel(&format!("{method}: trained vs base"), &want, &base) > 1e-4);
+        // analyze takes the run, with ΔW relative to the original W: the same directions
+        // as the merged model's W* − W.
+        let an = d.path().join(format!("{method}-analysis"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lora-dash"))
+            .args(["analyze", "--model", &tiny(), "--s", "4", "--adapter"])
+            .arg(&out)
+            .arg("--compare-finetuned")
+            .arg(&merged)
+            .arg("--out")
+            .arg(&an)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let a: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(an.join("analysis.json")).unwrap())
+                .unwrap();
+        assert_eq!(a["source"]["kind"], method);
+        let jaccard = a["summary"]["mean_jaccard"].as_f64().unwrap();
+        println!("{method}: analyze adapter vs merged model, mean Jaccard of TSD {jaccard}");
+        assert_eq!(jaccard, 1.0);
     }
 }
 
