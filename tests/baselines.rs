@@ -304,58 +304,81 @@ fn classify(m: &dyn Model, exs: &[Example]) -> Tensor {
         .unwrap()
 }
 
+/// PiSSA and DoRA on an encoder with a classification head: the PEFT export (PiSSA's
+/// `peft/`, DoRA's run directory) and the merged model give the native adapter's logits.
 #[test]
-fn pissa_on_the_tiny_bert_merges_and_exports() {
+fn pissa_and_dora_on_the_tiny_bert_merge_and_export() {
     let d = tempfile::tempdir().unwrap();
     let data = rte_file(d.path(), 16);
-    let out = d.path().join("run");
     let bert = golden("tiny-bert").to_string_lossy().into_owned();
-    let a = TrainArgs {
-        model: Some(bert.clone()),
-        task: Some("rte".into()),
-        method: Some("pissa".into()),
-        data: Some(vec![data.clone()]),
-        out: Some(out.clone()),
-        rank: Some(4),
-        batch_size: Some(4),
-        cutoff_len: Some(32),
-        max_steps: Some(4),
-        lr: Some(5e-3),
-        overwrite: Some(true),
-        ..Default::default()
-    };
-    train(&a.resolve().unwrap()).unwrap();
     let loaded = io::load_model(&bert).unwrap();
     let exs = Task::parse(Some("rte"))
         .unwrap()
         .load_examples(
             loaded.tokenizer.as_ref().unwrap(),
-            &[data],
+            &[data.clone()],
             EncodeOptions {
                 cutoff_len: 32,
                 train_on_inputs: true,
             },
         )
         .unwrap();
-    let (_, native) = load_with_adapter(&bert, Some(&out), None).unwrap();
-    let want = classify(native.as_ref(), &exs);
-    let (_, exported) = load_with_adapter(&bert, Some(&out.join("peft")), None).unwrap();
-    assert!(
-        max_rel(
-            "bert: PEFT export vs native",
-            &classify(exported.as_ref(), &exs),
-            &want
-        ) < TOL
-    );
-    let merged = d.path().join("merged");
-    merge(&bert, &out, &merged, false).unwrap();
-    let ml = io::load_model(merged.to_str().unwrap()).unwrap();
-    let mm = lora_dash::models::load(&ml, &HeadSpec::Base).unwrap();
-    assert!(
-        max_rel(
-            "bert: merged vs native",
-            &classify(mm.as_ref(), &exs),
-            &want
-        ) < TOL
-    );
+    for method in ["pissa", "dora"] {
+        let out = d.path().join(method);
+        let a = TrainArgs {
+            model: Some(bert.clone()),
+            task: Some("rte".into()),
+            method: Some(method.into()),
+            data: Some(vec![data.clone()]),
+            out: Some(out.clone()),
+            rank: Some(4),
+            target_modules: Some("query,value,dense".into()),
+            batch_size: Some(4),
+            cutoff_len: Some(32),
+            max_steps: Some(4),
+            lr: Some(5e-3),
+            overwrite: Some(true),
+            ..Default::default()
+        };
+        train(&a.resolve().unwrap()).unwrap();
+        let (_, native) = load_with_adapter(&bert, Some(&out), None).unwrap();
+        let want = classify(native.as_ref(), &exs);
+        let export = if method == "pissa" {
+            out.join("peft")
+        } else {
+            out.clone()
+        };
+        let (_, exported) = load_with_adapter(&bert, Some(&export), None).unwrap();
+        let got = classify(exported.as_ref(), &exs);
+        assert!(
+            max_rel(
+                &format!("bert {method}: PEFT export vs native"),
+                &got,
+                &want
+            ) < TOL
+        );
+        let merged = d.path().join(format!("{method}-merged"));
+        merge(&bert, &out, &merged, false).unwrap();
+        let ml = io::load_model(merged.to_str().unwrap()).unwrap();
+        let mm = lora_dash::models::load(&ml, &HeadSpec::Base).unwrap();
+        let got = classify(mm.as_ref(), &exs);
+        assert!(max_rel(&format!("bert {method}: merged vs native"), &got, &want) < TOL);
+    }
+}
+
+/// `dash-lr-scale` is a key of the TOML run config too.
+#[test]
+fn dash_lr_scale_reads_from_toml() {
+    let d = tempfile::tempdir().unwrap();
+    let toml = d.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        "method = \"dash\"\ndash-t = 2\ndash-lr-scale = 3.5\n",
+    )
+    .unwrap();
+    let mut a = args(&d.path().join("run"), "dash");
+    a.method = None;
+    a.config = Some(toml);
+    let cfg = a.resolve().unwrap();
+    assert_eq!(cfg.method.dash().unwrap().lr_scale, 3.5);
 }
