@@ -23,13 +23,14 @@ Usage, from the crate root:
 Outputs (under tests/golden/):
     tiny-pissa/           PEFT's converted rank-2r LoRA adapter (r = 4 → 8, α = 8 → 16)
     tiny_pissa.safetensors
-        residual.<path>            PiSSA residual W − s·B₀·A₀ (PEFT), every target
+        residual.<path>            PiSSA residual W − s·B₀·A₀ (PEFT), every target but
+                                   layer 1's down_proj (kept small)
         milora_residual.<path>     the same for MiLoRA (r smallest triplets), layer 0
         exact_residual.<path>      PiSSA's residual from a float64 SVD, layer 0
-        init_logits, init_logits_left  logits of the PiSSA-initialised model (PEFT)
+        init_logits                logits of the PiSSA-initialised model (PEFT)
         trained_logits             logits of the perturbed PiSSA model (residual base)
         converted_logits           PEFT: original base + tiny-pissa/
-    (right-padded batch of tiny_logits.safetensors unless _left)
+    (right-padded batch of tiny_logits.safetensors)
 """
 
 import json
@@ -105,12 +106,13 @@ def main():
     for name, m in model.named_modules():
         if hasattr(m, "lora_A") and "default" in m.lora_A:
             path = name.removeprefix("base_model.model.")
-            out[f"residual.{path}"] = m.base_layer.weight.detach().clone()
+            if path.startswith("model.layers.0.") or "down_proj" not in path:
+                out[f"residual.{path}"] = m.base_layer.weight.detach().clone()
             if f"exact_residual.{path}" in out:
                 w = m.base_layer.weight.detach()
                 d = (w - out[f"exact_residual.{path}"]).abs().max().item()
                 print(f"PEFT residual {path} vs float64: max |diff| {d:.3e}")
-    out["init_logits"], out["init_logits_left"] = logits_of(model, inp)
+    out["init_logits"] = logits_of(model, inp)[0]
 
     work = Path(tempfile.mkdtemp())
     try:
