@@ -316,7 +316,7 @@ fn pissa_and_dora_on_the_tiny_bert_merge_and_export() {
         .unwrap()
         .load_examples(
             loaded.tokenizer.as_ref().unwrap(),
-            &[data.clone()],
+            std::slice::from_ref(&data),
             EncodeOptions {
                 cutoff_len: 32,
                 train_on_inputs: true,
