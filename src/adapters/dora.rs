@@ -5,18 +5,31 @@
 //! (`ops::dora_linear`), and merges with W' = (m / ‖W + s·B·A‖)_row ⊙ (W + s·B·A).
 //! DoRA is defined here for plain linear layers only (no Conv, no fan-in-fan-out weights).
 
-use candle_core::{Device, Tensor, Var};
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapters::LoraLayer;
 use crate::error::Result;
 use crate::models::Ctx;
-use crate::ops::dora_linear::dora_weight_norm;
+use crate::ops::dora_linear::{dora_linear_with_norm, dora_weight_norm};
 use crate::rng::Rng;
 
 pub struct DoraLayer {
     pub lora: LoraLayer,
     /// (out), trainable
     pub m: Var,
+    /// Outside training, the row norm with the A and B it was computed from: reused while
+    /// both are bit-identical (checked on every call, O((in + out)·r)), so decoding does not
+    /// redo the (out, in) pass for every token.
+    norm_cache: Mutex<Option<NormCache>>,
+}
+
+struct NormCache {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// (out)
+    norm: Tensor,
 }
 
 impl DoraLayer {
@@ -35,6 +48,7 @@ impl DoraLayer {
         Ok(DoraLayer {
             lora,
             m: Var::from_tensor(&m)?,
+            norm_cache: Mutex::new(None),
         })
     }
 
@@ -42,18 +56,47 @@ impl DoraLayer {
         Ok(DoraLayer {
             lora,
             m: Var::from_tensor(m)?,
+            norm_cache: Mutex::new(None),
         })
+    }
+
+    /// ‖W + s·B·A‖ per row (out), detached; cached outside training (see `norm_cache`).
+    fn weight_norm(&self, w: &Tensor, train: bool) -> Result<Tensor> {
+        let (a, b) = (self.lora.a.as_tensor(), self.lora.b.as_tensor());
+        if train {
+            return dora_weight_norm(w, a, b, self.lora.scale);
+        }
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (ha, hb) = (host(a)?, host(b)?);
+        let mut cache = self
+            .norm_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = cache.as_ref().filter(|c| c.a == ha && c.b == hb) {
+            return Ok(c.norm.clone());
+        }
+        let norm = dora_weight_norm(w, a, b, self.lora.scale)?;
+        *cache = Some(NormCache {
+            a: ha,
+            b: hb,
+            norm: norm.clone(),
+        });
+        Ok(norm)
     }
 
     /// The whole layer output (bias excluded) for `x (n, in)` and the frozen `w (out, in)`.
     pub fn forward(&self, x: &Tensor, w: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let (p, seed) = ctx.dropout_seed(self.lora.dropout);
-        crate::ops::dora_linear(
+        let norm = self.weight_norm(w, ctx.train)?;
+        dora_linear_with_norm(
             x,
             w,
             self.lora.a.as_tensor(),
             self.lora.b.as_tensor(),
             self.m.as_tensor(),
+            &norm,
             self.lora.scale,
             p,
             seed,
@@ -102,7 +145,23 @@ mod tests {
         assert!(e < 1e-6, "{e}");
         d.lora.b.set(&randn(&[6, 2], 4).unwrap()).unwrap();
         d.m.set(&(d.m.as_tensor() * 1.3).unwrap()).unwrap();
+        // The eval-mode norm cache sees the new B: the result is the uncached computation's.
         let y = d.forward(&x, &w, &ctx).unwrap();
+        let fresh = crate::ops::dora_linear(
+            &x,
+            &w,
+            d.lora.a.as_tensor(),
+            d.lora.b.as_tensor(),
+            d.m.as_tensor(),
+            2.0,
+            0.0,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            fresh.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let merged = x
             .matmul(&d.merged_weight(&w).unwrap().t().unwrap())
             .unwrap();
