@@ -1,5 +1,7 @@
 //! Parameter-efficient adapters attached to frozen linear layers. Each method is a value of
-//! [`Adapter`]; the linear layer only asks it for its additive term.
+//! [`Adapter`]; the linear layer asks it for its additive term, except DoRA, which rescales
+//! the layer's whole output and is run by the `Linear` with its weight (PEFT's
+//! variant-as-strategy: the choice is made once, when the adapter is attached).
 
 pub mod dash;
 pub mod dora;
