@@ -245,5 +245,5 @@ fn full_run_lowers_the_loss_and_writes_a_loadable_model() {
         .resolve()
         .unwrap_err()
         .to_string()
-        .contains("lora, dash or full"));
+        .contains("lora, dash, full, pissa, milora, dora"));
 }

@@ -1,10 +1,14 @@
 //! Parameter-efficient adapters attached to frozen linear layers. Each method is a value of
-//! [`Adapter`]; the linear layer only asks it for its additive term.
+//! [`Adapter`]; the linear layer asks it for its additive term, except DoRA, which rescales
+//! the layer's whole output and is run by the `Linear` with its weight (PEFT's
+//! variant-as-strategy: the choice is made once, when the adapter is attached).
 
 pub mod dash;
+pub mod dora;
 pub mod full;
 pub mod inject;
 pub mod lora;
+pub mod pissa;
 pub mod target;
 
 use candle_core::{Tensor, Var};
@@ -13,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::models::Ctx;
 pub use dash::DashLayer;
+pub use dora::DoraLayer;
 pub use full::FullDelta;
-pub use inject::{inject_full, inject_lora};
+pub use inject::{inject_dora, inject_full, inject_lora, inject_svd_init};
 pub use lora::{lora_scale, LoraLayer};
+pub use pissa::{PissaLayer, SvdInit};
 pub use target::TargetModules;
 
 /// LoRA hyper-parameters, PEFT's names and defaults.
@@ -63,6 +69,11 @@ impl LoraConfig {
 pub enum Adapter {
     Lora(LoraLayer),
     Dash(DashLayer),
+    /// DoRA: rescales the whole output per row, so the `Linear` runs it with its weight
+    /// (`DoraLayer::forward`, `DoraLayer::merged_weight`) instead of adding a term.
+    Dora(DoraLayer),
+    /// PiSSA / MiLoRA: LoRA on the residual base the `Linear` holds (see `adapters::pissa`).
+    Pissa(PissaLayer),
     /// Full fine-tuning: a dense trainable ΔW.
     Full(FullDelta),
 }
@@ -71,7 +82,7 @@ impl Adapter {
     /// The additive term for `x` (n, in) → (n, out).
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match self {
-            Adapter::Lora(l) => {
+            Adapter::Lora(l) | Adapter::Pissa(PissaLayer { lora: l, .. }) => {
                 let x = ctx.dropout(x, l.dropout)?;
                 l.delta_forward(&x)
             }
@@ -83,6 +94,9 @@ impl Adapter {
                 }
                 Ok((lora + d.dash_forward(x)?)?)
             }
+            Adapter::Dora(_) => Err(Error::msg(
+                "DoRA has no additive term; its layer output comes from DoraLayer::forward",
+            )),
             Adapter::Full(f) => f.delta_forward(x),
         }
     }
@@ -106,15 +120,22 @@ impl Adapter {
                 }
                 v
             }
+            Adapter::Pissa(p) => p.vars().to_vec(),
+            Adapter::Dora(d) => d.vars().to_vec(),
             Adapter::Full(f) => vec![("delta.weight", f.delta.clone())],
         }
     }
 
-    /// The dense update this adapter adds to W (out, in), for merging.
+    /// The dense update this adapter adds to the weight its `Linear` holds (out, in), for
+    /// merging (for PiSSA / MiLoRA that weight is the residual).
     pub fn delta_weight(&self) -> Result<Tensor> {
         match self {
             Adapter::Lora(l) => l.delta_weight(),
             Adapter::Dash(d) => d.delta_weight(),
+            Adapter::Pissa(p) => p.lora.delta_weight(),
+            Adapter::Dora(_) => Err(Error::msg(
+                "DoRA's merged weight depends on W; use DoraLayer::merged_weight",
+            )),
             Adapter::Full(f) => f.delta_weight(),
         }
     }
@@ -124,7 +145,23 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => Some(l),
             Adapter::Dash(d) => Some(&d.lora),
+            Adapter::Pissa(p) => Some(&p.lora),
+            Adapter::Dora(d) => Some(&d.lora),
             Adapter::Full(_) => None,
+        }
+    }
+
+    pub fn as_dora(&self) -> Option<&DoraLayer> {
+        match self {
+            Adapter::Dora(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    pub fn as_pissa(&self) -> Option<&PissaLayer> {
+        match self {
+            Adapter::Pissa(p) => Some(p),
+            _ => None,
         }
     }
 

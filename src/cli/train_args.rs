@@ -38,7 +38,8 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Fine-tuning method: lora, dash or full (target modules choose the trained weights).
+    /// Fine-tuning method: lora, dash, full, pissa, milora or dora (target modules choose
+    /// the trained weights).
     #[arg(long)]
     pub method: Option<String>,
     /// LoRA-Dash pre-launch length t, in optimizer steps.
@@ -50,6 +51,9 @@ pub struct TrainArgs {
     /// LoRA-Dash: freeze A and B after the switch.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub dash_freeze_ab: Option<bool>,
+    /// LoRA-Dash: learning rate of the direction coefficients c as a multiple of --lr.
+    #[arg(long)]
+    pub dash_lr_scale: Option<f64>,
     /// LoRA rank r.
     #[arg(long)]
     pub rank: Option<usize>,
@@ -170,6 +174,7 @@ impl TrainArgs {
                 dash_t,
                 dash_s,
                 dash_freeze_ab,
+                dash_lr_scale,
                 rank,
                 alpha,
                 dropout,
@@ -205,46 +210,7 @@ impl TrainArgs {
     /// Applies defaults and validates: the one place a run's settings are checked.
     pub fn resolve(self) -> Result<TrainConfig> {
         let a = self.merged()?;
-        let method = match a.method.as_deref().unwrap_or("lora") {
-            "lora" => {
-                if a.dash_t.is_some() || a.dash_s.is_some() || a.dash_freeze_ab.is_some() {
-                    return Err(Error::config(
-                        "method",
-                        "dash_t / dash_s / dash_freeze_ab need --method dash",
-                    ));
-                }
-                Method::Lora
-            }
-            "dash" => {
-                if a.dash_s == Some(0) {
-                    return Err(Error::config(
-                        "dash_s",
-                        "--dash-s must be at least 1 (0 directions would train plain LoRA; use --method lora)",
-                    ));
-                }
-                let d = DashConfig::default();
-                Method::Dash(DashConfig {
-                    t: a.dash_t.unwrap_or(d.t),
-                    s: a.dash_s.unwrap_or(d.s),
-                    freeze_ab: a.dash_freeze_ab.unwrap_or(d.freeze_ab),
-                })
-            }
-            "full" => {
-                if a.dash_t.is_some() || a.dash_s.is_some() || a.dash_freeze_ab.is_some() {
-                    return Err(Error::config(
-                        "method",
-                        "dash_t / dash_s / dash_freeze_ab need --method dash",
-                    ));
-                }
-                Method::Full
-            }
-            m => {
-                return Err(Error::config(
-                    "method",
-                    format!("unknown method `{m}` (expected lora, dash or full)"),
-                ))
-            }
-        };
+        let method = resolve_method(&a)?;
         let schedule = match a.schedule.as_deref().unwrap_or("linear") {
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
@@ -314,4 +280,51 @@ impl TrainArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// The method and its settings; a method-specific flag given to another method is an error.
+fn resolve_method(a: &TrainArgs) -> Result<Method> {
+    let name = a.method.as_deref().unwrap_or("lora");
+    if name != "dash"
+        && (a.dash_t.is_some()
+            || a.dash_s.is_some()
+            || a.dash_freeze_ab.is_some()
+            || a.dash_lr_scale.is_some())
+    {
+        return Err(Error::config(
+            "method",
+            format!("dash_t / dash_s / dash_freeze_ab / dash_lr_scale need --method dash (got `{name}`)"),
+        ));
+    }
+    Ok(match name {
+        "lora" => Method::Lora,
+        "dash" => {
+            if a.dash_s == Some(0) {
+                return Err(Error::config(
+                    "dash_s",
+                    "--dash-s must be at least 1 (0 directions would train plain LoRA; use --method lora)",
+                ));
+            }
+            let d = DashConfig::default();
+            Method::Dash(DashConfig {
+                t: a.dash_t.unwrap_or(d.t),
+                s: a.dash_s.unwrap_or(d.s),
+                freeze_ab: a.dash_freeze_ab.unwrap_or(d.freeze_ab),
+                lr_scale: a.dash_lr_scale.unwrap_or(d.lr_scale),
+            })
+        }
+        "full" => Method::Full,
+        "pissa" => Method::Pissa,
+        "milora" => Method::Milora,
+        "dora" => Method::Dora,
+        m => {
+            return Err(Error::config(
+                "method",
+                format!(
+                    "unknown method `{m}` (expected {})",
+                    Method::NAMES.join(", ")
+                ),
+            ))
+        }
+    })
 }

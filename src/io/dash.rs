@@ -213,12 +213,16 @@ pub fn save_peft_export(
     atomic::write_file(&dir.join(PEFT_CONFIG), json.as_bytes())
 }
 
-/// Attaches whatever adapter `dir` holds: a native Dash adapter, a PEFT LoRA adapter, or a
-/// lora-dash run directory (its Dash adapter or LoRA adapter).
+/// Attaches whatever adapter `dir` holds: a native Dash or PiSSA / MiLoRA adapter, a PEFT
+/// LoRA adapter, or a lora-dash run directory (its native adapter or LoRA adapter).
 pub fn load_any(model: &mut dyn Model, dir: &Path) -> Result<String> {
     if dir.join(CONFIG_FILE).exists() {
         load_native(model, dir)?;
         return Ok("lora-dash".into());
+    }
+    if dir.join(crate::io::pissa::CONFIG_FILE).exists() {
+        let cfg = crate::io::pissa::load_native(model, dir)?;
+        return Ok(cfg.method.name().into());
     }
     if dir.join(PEFT_CONFIG).exists() {
         crate::io::peft::load_lora(model, dir)?;
@@ -232,7 +236,10 @@ pub fn load_any(model: &mut dyn Model, dir: &Path) -> Result<String> {
     }
     Err(Error::format(
         dir,
-        format!("holds no adapter ({PEFT_CONFIG} or {CONFIG_FILE})"),
+        format!(
+            "holds no adapter ({PEFT_CONFIG}, {CONFIG_FILE} or {})",
+            crate::io::pissa::CONFIG_FILE
+        ),
     ))
 }
 
@@ -246,6 +253,11 @@ pub fn head_spec_of(dir: &Path) -> Result<crate::models::HeadSpec> {
             serde_json::from_str(&std::fs::read_to_string(&cpath).at(&cpath)?)
                 .map_err(|e| Error::format(&cpath, format!("invalid Dash adapter config: {e}")))?;
         (cfg.task_type, dir.join(WEIGHTS_FILE))
+    } else if dir.join(crate::io::pissa::CONFIG_FILE).exists() {
+        (
+            crate::io::pissa::PissaAdapterConfig::read(dir)?.task_type,
+            dir.join(crate::io::pissa::WEIGHTS_FILE),
+        )
     } else if dir.join(PEFT_CONFIG).exists() {
         (
             crate::io::peft::PeftConfig::read(dir)?.task_type,

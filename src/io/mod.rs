@@ -8,6 +8,7 @@ pub mod gguf_tokenizer;
 pub mod hf;
 pub mod outpath;
 pub mod peft;
+pub mod pissa;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,13 +1,14 @@
 //! PEFT's on-disk LoRA format, treated as public API: `adapter_config.json` plus
 //! `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` /
-//! `.lora_B.weight` (A is (r, in), B is (out, r)).
+//! `.lora_B.weight` (A is (r, in), B is (out, r)); DoRA adapters (`use_dora: true`) add
+//! `.lora_magnitude_vector` (out).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::{lora_scale, Adapter, LoraConfig, LoraLayer, TargetModules};
+use crate::adapters::{lora_scale, Adapter, DoraLayer, LoraConfig, LoraLayer, TargetModules};
 use crate::error::{Error, IoContext, Result};
 use crate::io::atomic;
 use crate::io::Weights;
@@ -16,6 +17,8 @@ use crate::models::{Model, Objective};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
+/// DoRA's magnitude vector, as PEFT's state dict names it (adapter name and `.weight` dropped).
+const MAGNITUDE: &str = "lora_magnitude_vector";
 /// PEFT `task_type` of causal-LM adapters.
 pub const CAUSAL_LM: &str = "CAUSAL_LM";
 /// PEFT `task_type` of sequence-classification adapters (heads in `modules_to_save`).
@@ -107,9 +110,6 @@ impl PeftConfig {
                 &path,
                 format!("peft_type `{}` is not supported (LORA only)", c.peft_type),
             ));
-        }
-        if c.use_dora {
-            return Err(Error::format(&path, "DoRA adapters are not supported"));
         }
         if c.fan_in_fan_out {
             return Err(Error::format(
@@ -240,10 +240,15 @@ pub fn save_lora(
     dir: &Path,
 ) -> Result<()> {
     let mut w = Weights::new(None);
+    let mut dora = false;
     for l in model.linears() {
         if let Some(lora) = l.adapter.as_ref().and_then(Adapter::as_lora) {
             w.insert(key(&l.path, "lora_A.weight"), lora.a.as_tensor().clone());
             w.insert(key(&l.path, "lora_B.weight"), lora.b.as_tensor().clone());
+        }
+        if let Some(d) = l.adapter.as_ref().and_then(Adapter::as_dora) {
+            w.insert(key(&l.path, MAGNITUDE), d.m.as_tensor().clone());
+            dora = true;
         }
     }
     if w.is_empty() {
@@ -252,7 +257,9 @@ pub fn save_lora(
     insert_heads(model, &mut w);
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     w.save_safetensors(&dir.join(WEIGHTS_FILE), Some(meta))?;
-    let json = serde_json::to_string_pretty(&peft_config_for(model, cfg, base))?;
+    let mut c = peft_config_for(model, cfg, base);
+    c.use_dora = dora;
+    let json = serde_json::to_string_pretty(&c)?;
     atomic::write_file(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
@@ -314,12 +321,24 @@ pub fn load_lora(model: &mut dyn Model, dir: &Path) -> Result<PeftConfig> {
                     });
                 }
                 let scale = cfg.scale_for(&l.path, r);
-                l.adapter = Some(Adapter::Lora(LoraLayer::from_tensors(
-                    &a,
-                    &b,
-                    scale,
-                    cfg.lora_dropout,
-                )?));
+                let lora = LoraLayer::from_tensors(&a, &b, scale, cfg.lora_dropout)?;
+                l.adapter = Some(if cfg.use_dora {
+                    let km = key(&l.path, MAGNITUDE);
+                    let m = w.remove(&km).ok_or_else(|| Error::MissingTensor {
+                        name: km.clone(),
+                        from: Some(wpath.clone()),
+                    })?;
+                    if m.dims() != [l.out_dim()] {
+                        return Err(Error::ShapeMismatch {
+                            name: km,
+                            expected: vec![l.out_dim()],
+                            got: m.dims().to_vec(),
+                        });
+                    }
+                    Adapter::Dora(DoraLayer::from_tensors(lora, &m)?)
+                } else {
+                    Adapter::Lora(lora)
+                });
                 attached += 1;
             }
         }

@@ -3,6 +3,7 @@
 //! The base weight never gets a gradient (see `ops::frozen_linear`). A LoRA adapter (or
 //! LoRA-Dash, dash term included) runs fused with the base product in
 //! `ops::lora_dash_linear`, which keeps one output buffer instead of five (seven) per layer.
+//! DoRA rescales the whole output, so it gets the input and the weight (`ops::dora_linear`).
 
 use candle_core::{DType, Tensor, Var};
 
@@ -44,7 +45,14 @@ impl Linear {
         let in_dim = *dims.last().expect("linear input has rank >= 1");
         let x2 = x.reshape(((), in_dim))?; // (n, in)
         let y = match (&self.adapter, &self.bias) {
-            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_))), bias)
+            (Some(Adapter::Dora(d)), bias) => {
+                let y = d.forward(&x2, &self.weight, ctx)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_) | Adapter::Pissa(_))), bias)
                 if cpu_f32(&[&x2, &self.weight]) =>
             {
                 let y = self.fused_lora_forward(&x2, a, ctx)?;
@@ -111,6 +119,7 @@ impl Linear {
     /// W + ΔW of the adapter (W alone without one).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.adapter {
+            Some(Adapter::Dora(d)) => d.merged_weight(&self.weight),
             Some(a) => Ok((&self.weight + a.delta_weight()?)?),
             None => Ok(self.weight.clone()),
         }

@@ -21,6 +21,12 @@ pub enum Method {
     /// Full fine-tuning of the target modules' weights (trained as a dense ΔW on the frozen
     /// W; see `adapters::full`).
     Full,
+    /// PiSSA: LoRA initialised from the r largest singular triplets of W, on the residual.
+    Pissa,
+    /// MiLoRA: the same with the r smallest triplets.
+    Milora,
+    /// DoRA: LoRA with a trainable per-row magnitude (see `adapters::dora`).
+    Dora,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +38,19 @@ pub struct DashConfig {
     pub s: usize,
     /// Stop training A and B after the switch.
     pub freeze_ab: bool,
+    /// Learning rate of the coefficients c as a multiple of the run's (schedule applied
+    /// alike). Left out of the serialised config at its default 1, so runs and checkpoints
+    /// from before the setting keep their fingerprint.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 impl Default for DashConfig {
@@ -40,16 +59,32 @@ impl Default for DashConfig {
             t: 100,
             s: 8,
             freeze_ab: false,
+            lr_scale: 1.0,
         }
     }
 }
 
 impl Method {
+    /// Every `--method` value.
+    pub const NAMES: &'static [&'static str] = &["lora", "dash", "full", "pissa", "milora", "dora"];
+
     pub fn name(&self) -> &'static str {
         match self {
             Method::Lora => "lora",
             Method::Dash(_) => "dash",
             Method::Full => "full",
+            Method::Pissa => "pissa",
+            Method::Milora => "milora",
+            Method::Dora => "dora",
+        }
+    }
+
+    /// The SVD initialisation of PiSSA / MiLoRA.
+    pub fn svd_init(&self) -> Option<crate::adapters::SvdInit> {
+        match self {
+            Method::Pissa => Some(crate::adapters::SvdInit::Pissa),
+            Method::Milora => Some(crate::adapters::SvdInit::Milora),
+            _ => None,
         }
     }
 
@@ -186,6 +221,7 @@ impl TrainConfig {
             }
         }
         if let Method::Dash(d) = &self.method {
+            positive_finite("dash_lr_scale", d.lr_scale)?;
             if d.t == 0 {
                 return Err(bad(
                     "dash_t",

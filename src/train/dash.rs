@@ -54,6 +54,12 @@ pub struct DashRuntime {
     pub state: DashState,
 }
 
+/// True for the optimizer name of a layer's dash coefficients c (`<path>.dash_c`), the
+/// parameters `--dash-lr-scale` applies to.
+pub fn is_dash_coefficient(name: &str) -> bool {
+    name.ends_with(".dash_c")
+}
+
 /// Refuses an `s` larger than min(out, in) of any adapted layer, naming it.
 pub fn check_s(model: &dyn Model, s: usize) -> Result<()> {
     for l in model.linears() {

@@ -47,6 +47,8 @@ struct ParamState {
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
     step: u64,
+    /// Multiplies the step's learning rate for this parameter (1: the base rate).
+    lr_scale: f64,
 }
 
 pub struct AdamW {
@@ -92,6 +94,7 @@ impl AdamW {
                 exp_avg: vec![0.0; n],
                 exp_avg_sq: vec![0.0; n],
                 step: 0,
+                lr_scale: 1.0,
             });
         }
         Ok(())
@@ -101,6 +104,21 @@ impl AdamW {
     /// (LoRA-Dash may freeze A and B once its directions take over).
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.params.retain(|p| keep(&p.name));
+    }
+
+    /// Gives the parameters whose name satisfies `select` the learning rate `lr·scale` in every
+    /// later [`AdamW::step`] (a parameter group with its own rate, the schedule applied alike).
+    /// A scale of 1 leaves the update bit-identical.
+    pub fn set_lr_scale(&mut self, mut select: impl FnMut(&str) -> bool, scale: f64) -> Result<()> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::msg(format!(
+                "learning-rate scale must be a positive number, got {scale}"
+            )));
+        }
+        for p in self.params.iter_mut().filter(|p| select(&p.name)) {
+            p.lr_scale = scale;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -148,6 +166,7 @@ impl AdamW {
             }
             p.step += 1;
             let t = p.step as i32;
+            let lr = lr * p.lr_scale;
             let decay = (1.0 - lr * weight_decay) as f32;
             let w1 = (1.0 - beta1) as f32;
             let b2 = beta2 as f32;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::adapters::{inject_full, inject_lora};
+use crate::adapters::{inject_dora, inject_full, inject_lora, inject_svd_init};
 use crate::data::batch::{collate, split_train_val, Batch, Loader};
 use crate::data::tokenize::Example;
 use crate::data::{EncodeOptions, Task};
@@ -29,7 +29,7 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = "run_config.json";
 /// LoRA-Dash: the PEFT adapter at the switch (the A, B the selection used).
 pub const SWITCH_DIR: &str = "switch";
-/// LoRA-Dash: the rank-(r+s) PEFT export.
+/// LoRA-Dash: the rank-(r+s) PEFT export; PiSSA / MiLoRA: the rank-2r one.
 pub const EXPORT_DIR: &str = "peft";
 /// Full fine-tuning: the fine-tuned model as a Hugging Face directory.
 pub const FULL_MODEL_DIR: &str = "model";
@@ -126,8 +126,15 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         weights: Weights::new(None),
         ..loaded
     };
-    let adapted = match cfg.method {
-        Method::Full => inject_full(model.as_mut(), &cfg.lora.target_modules)?,
+    let adapted = match (&cfg.method, cfg.method.svd_init()) {
+        (Method::Full, _) => inject_full(model.as_mut(), &cfg.lora.target_modules)?,
+        (Method::Dora, _) => inject_dora(model.as_mut(), &cfg.lora, cfg.seed)?,
+        (_, Some(init)) => inject_svd_init(
+            model.as_mut(),
+            &cfg.lora,
+            init,
+            &SvdCache::new(default_cache_dir()),
+        )?,
         _ => inject_lora(model.as_mut(), &cfg.lora, cfg.seed)?,
     };
     let opts = EncodeOptions {
@@ -387,6 +394,9 @@ fn run_loop(
     if let Some(st) = resumed_opt_state {
         opt.load_state(st)?;
     }
+    if let Some(rt) = &dash {
+        opt.set_lr_scale(crate::train::dash::is_dash_coefficient, rt.cfg.lr_scale)?;
+    }
     let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     for n in model.notes() {
         eprintln!("note: {n}");
@@ -503,6 +513,7 @@ fn run_loop(
                     .filter(|(_, v)| v.elem_count() > 0)
                     .collect();
                 opt.add_params(new_vars)?;
+                opt.set_lr_scale(crate::train::dash::is_dash_coefficient, rt.cfg.lr_scale)?;
                 vars = model.trainable_vars();
                 checked_grads = false;
                 rec.extra.insert(
@@ -606,6 +617,9 @@ fn run_loop(
                 &cfg.out.join(FULL_MODEL_DIR),
                 true,
             )?;
+        }
+        None if cfg.method.svd_init().is_some() => {
+            io::pissa::save_run(model.as_ref(), &cfg.lora, base, &cfg.out, EXPORT_DIR)?
         }
         None => io::peft::save_lora(model.as_ref(), &cfg.lora, base, &cfg.out)?,
     }

@@ -93,7 +93,17 @@ pub fn load_deltas(base: &LoadedModel, src: &DeltaSource) -> Result<SourceDeltas
                         let (a, b) = d.export_lora()?;
                         LayerDelta::LowRank { a, b, scale: 1.0 }
                     }
+                    // Relative to the original W: s·(B·A − B₀·A₀).
+                    Some(Adapter::Pissa(p)) => {
+                        let (a, b) = p.export_lora()?;
+                        LayerDelta::LowRank {
+                            a,
+                            b,
+                            scale: p.lora.scale,
+                        }
+                    }
                     Some(Adapter::Full(f)) => LayerDelta::Dense(f.delta_weight()?),
+                    Some(Adapter::Dora(_)) => LayerDelta::Dense((l.merged_weight()? - &l.weight)?),
                 };
                 layers.push((l.path.clone(), d));
             }

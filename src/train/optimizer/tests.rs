@@ -273,3 +273,40 @@ fn reference_const(steps: i32, x0: f64, g: f64, lr: f64) -> f64 {
     }
     x
 }
+
+/// A parameter group with `lr·scale`: the selected parameter moves exactly as it does under
+/// the scaled rate, the others exactly as under the base rate, and scale 1 changes nothing.
+#[test]
+fn lr_scale_scales_only_the_selected_parameters() {
+    let run = |scale: Option<f64>, lr_mul: f64| -> Vec<f32> {
+        let params = vars();
+        let mut opt = AdamW::new(params.clone(), CFG).unwrap();
+        if let Some(s) = scale {
+            opt.set_lr_scale(|n| n == "q", s).unwrap();
+        }
+        for (k, lr) in LRS.iter().enumerate() {
+            opt.step(&grads(&params, k), lr * lr_mul).unwrap();
+        }
+        values(&params)
+    };
+    let base = run(None, 1.0);
+    let scaled = run(Some(3.0), 1.0);
+    let all_scaled = run(None, 3.0);
+    assert_eq!(&scaled[..6], &base[..6], "unselected parameter changed");
+    assert_eq!(
+        &scaled[6..],
+        &all_scaled[6..],
+        "selected parameter not at 3x lr"
+    );
+    assert_ne!(&scaled[6..], &base[6..]);
+    let moved = |v: &[f32]| (v[6] - Q0[0]).abs() as f64;
+    println!(
+        "q[0] moved {:e} at 3x lr vs {:e} at 1x",
+        moved(&scaled),
+        moved(&base)
+    );
+    assert_eq!(run(Some(1.0), 1.0), base, "scale 1 is not bit-identical");
+    let mut opt = AdamW::new(vars(), CFG).unwrap();
+    assert!(opt.set_lr_scale(|_| true, 0.0).is_err());
+    assert!(opt.set_lr_scale(|_| true, f64::NAN).is_err());
+}
