@@ -313,7 +313,7 @@ fn split_gemm() -> bool {
 }
 
 /// `c = acc(c, alpha · a · b)` as `parts` independent sequential products over contiguous
-/// slabs of the output: rows when there are enough of them, else columns.
+/// slabs of the output's longer side.
 fn split_matmul(
     c: faer::MatMut<f32>,
     acc: faer::Accum,
@@ -329,8 +329,10 @@ fn split_matmul(
     }
     let left = parts / 2;
     let right = parts - left;
-    // Split rows while each part keeps at least 16 of them; otherwise split columns.
-    if m >= 16 * parts || m >= n {
+    // Split the longer side: every part packs all of the other operand, so splitting rows
+    // repeats B's packing and splitting columns repeats A's (the LM head's 128 × 49152
+    // products split by columns, the layers' 1024 × 576 ones by rows).
+    if m >= n {
         let mid = m * left / parts;
         let (c0, c1) = c.split_at_row_mut(mid);
         let (a0, a1) = a.split_at_row(mid);
