@@ -4,9 +4,11 @@
 use rayon::prelude::*;
 
 /// The dropout mask as a counter-based hash: element (row, col) is kept when the top 24
-/// bits of `fmix32(fmix32(col ^ k0) + k1)` are at least `p · 2²⁴`, where `(k0, k1)` are
-/// the two halves of SplitMix64 output number `row` of `seed`. Any element can be drawn in
-/// any order, so rows are generated in parallel and again in the backward.
+/// bits of `fmix32((col ^ k0) + k1)` are at least `p · 2²⁴`, where `(k0, k1)` are the two
+/// halves of SplitMix64 output number `row` of `seed` (MurmurHash3's finaliser has full
+/// avalanche, so one round per element suffices; the backward draws every element twice
+/// more, so its cost matters). Any element can be drawn in any order, so rows are generated
+/// in parallel and again in the backward.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct MaskSpec {
     seed: u64,
@@ -42,7 +44,7 @@ impl MaskSpec {
     /// `keep_scale` or 0 for element `col` of the row with keys `k`.
     #[inline(always)]
     fn value(&self, k: (u32, u32), col: usize) -> f32 {
-        let h = fmix32(fmix32(col as u32 ^ k.0).wrapping_add(k.1));
+        let h = fmix32((col as u32 ^ k.0).wrapping_add(k.1));
         if h >> 8 >= self.threshold {
             self.keep_scale
         } else {
