@@ -1,5 +1,6 @@
 //! A frozen linear layer with an optional adapter: y = x·Wᵀ (+ b) + adapter(x).
-//! The frozen bias, when there is one, is added after the fused product.
+//! The frozen bias, when there is one, starts the output that the fused products accumulate
+//! onto (DoRA adds it after its rescaling).
 //! The base weight never gets a gradient (see `ops::frozen_linear`). A LoRA adapter (or
 //! LoRA-Dash, dash term included) runs fused with the base product in
 //! `ops::lora_dash_linear`, which keeps one output buffer instead of five (seven) per layer.
@@ -52,20 +53,14 @@ impl Linear {
                     None => y,
                 }
             }
-            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_) | Adapter::Pissa(_))), bias)
+            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_) | Adapter::Pissa(_))), _)
                 if cpu_f32(&[&x2, &self.weight]) =>
             {
-                let y = self.fused_lora_forward(&x2, a, ctx)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
+                self.fused_lora_forward(&x2, a, ctx)?
             }
             _ => {
-                let mut y = crate::ops::frozen_linear(&x2, &self.weight)?; // (n, out)
-                if let Some(b) = &self.bias {
-                    y = y.broadcast_add(b)?;
-                }
+                // (n, out), the bias written before the product accumulates.
+                let mut y = crate::ops::frozen_linear_bias(&x2, &self.weight, self.bias.as_ref())?;
                 if let Some(a) = &self.adapter {
                     y = (y + a.forward(&x2, ctx)?)?;
                 }
@@ -77,8 +72,8 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ, plus the dash term x·V_s·diag(c)·U_sᵀ (on the undropped
-    /// input) for LoRA-Dash, in one op. `x` is (n, in).
+    /// x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ, plus the dash term x·V_s·diag(c)·U_sᵀ (on the
+    /// undropped input) for LoRA-Dash, in one op. `x` is (n, in).
     fn fused_lora_forward(&self, x: &Tensor, adapter: &Adapter, ctx: &Ctx) -> Result<Tensor> {
         let Some(lora) = adapter.as_lora() else {
             return Err(crate::error::Error::msg(format!(
@@ -99,7 +94,17 @@ impl Linear {
             v_s: &d.v_s,
             c: d.c.as_tensor(),
         });
-        crate::ops::lora_dash_linear(x, &self.weight, &a, &b, lora.scale, p, seed, dash)
+        crate::ops::lora_dash_linear_bias(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            &a,
+            &b,
+            lora.scale,
+            p,
+            seed,
+            dash,
+        )
         // (n, out)
     }
 

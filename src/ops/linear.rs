@@ -11,6 +11,12 @@ use crate::error::{Error, Result};
 
 /// `x (.., in) · wᵀ` with `w (out, in)`; gradient for `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen_linear_bias(x, w, None)
+}
+
+/// [`frozen_linear`] plus a frozen bias `(out)`, written into the output before the product
+/// accumulates onto it.
+pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (_out_dim, in_dim) = w.dims2()?;
     let x_in = x.dims().last().copied().unwrap_or(0);
     if x.rank() == 0 || x_in != in_dim {
@@ -20,16 +26,52 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             got: x.dims().to_vec(),
         });
     }
-    if !(is_cpu_f32(x) && is_cpu_f32(w)) {
-        // Other devices / dtypes: candle's matmul is correct, only less frugal in backward.
-        return super::reference::frozen_linear(x, &w.detach());
+    if let Some(bias) = bias {
+        let out_dim = w.dims2()?.0;
+        if bias.dims() != [out_dim] {
+            return Err(Error::ShapeMismatch {
+                name: "frozen_linear bias".into(),
+                expected: vec![out_dim],
+                got: bias.dims().to_vec(),
+            });
+        }
     }
-    Ok(x.apply_op1(FrozenLinear { w: w.detach() })?)
+    if !(is_cpu_f32(x) && is_cpu_f32(w) && bias.is_none_or(is_cpu_f32)) {
+        // Other devices / dtypes: candle's matmul is correct, only less frugal in backward.
+        let y = super::reference::frozen_linear(x, &w.detach())?;
+        return Ok(match bias {
+            Some(b) => y.broadcast_add(&b.detach())?,
+            None => y,
+        });
+    }
+    Ok(x.apply_op1(FrozenLinear {
+        w: w.detach(),
+        bias: bias_values(bias)?,
+    })?)
 }
 
-/// Forward op: holds the weight, differentiates with respect to `x` only.
+/// `n` copies of `bias` (out), row-major: the starting value of a biased product.
+pub(super) fn bias_rows(bias: &[f32], n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * bias.len());
+    for _ in 0..n {
+        out.extend_from_slice(bias);
+    }
+    out
+}
+
+/// The values of a frozen bias, kept by the ops that start their output from it.
+pub(super) fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    Ok(match bias {
+        Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    })
+}
+
+/// Forward op: holds the weight (and bias), differentiates with respect to `x` only.
 struct FrozenLinear {
     w: Tensor,
+    /// (out)
+    bias: Option<Vec<f32>>,
 }
 
 /// Backward op: `dy (.., out) · w (out, in) -> (.., in)`, itself not differentiable.
@@ -42,6 +84,7 @@ struct FrozenLinearBwd {
 #[track_caller]
 fn apply_weight(
     w: &Tensor,
+    bias: Option<&[f32]>,
     x: &[f32],
     lead: &[usize],
     transpose_w: bool,
@@ -73,8 +116,18 @@ fn apply_weight(
         .len()
         .checked_div(k)
         .unwrap_or_else(|| lead.iter().product());
-    let mut out = vec![0f32; m * n];
-    matmul_into(&mut out, MatView::rows(x, m, k), rhs, 1.0, false, true);
+    let mut out = match bias {
+        Some(b) => bias_rows(b, m),
+        None => vec![0f32; m * n],
+    };
+    matmul_into(
+        &mut out,
+        MatView::rows(x, m, k),
+        rhs,
+        1.0,
+        bias.is_some(),
+        true,
+    );
     let mut dims = lead.to_vec();
     dims.push(n);
     Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -88,7 +141,13 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "frozen-linear")?;
         let dims = l.dims();
-        apply_weight(&self.w, &x, &dims[..dims.len() - 1], true)
+        apply_weight(
+            &self.w,
+            self.bias.as_deref(),
+            &x,
+            &dims[..dims.len() - 1],
+            true,
+        )
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -105,7 +164,7 @@ impl CustomOp1 for FrozenLinearBwd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let dy = f32_data(s, l, "frozen-linear-bwd")?;
         let dims = l.dims();
-        apply_weight(&self.w, &dy, &dims[..dims.len() - 1], false)
+        apply_weight(&self.w, None, &dy, &dims[..dims.len() - 1], false)
     }
 }
 
@@ -133,6 +192,61 @@ mod tests {
         let d = max_abs_diff(g.get(&x).expect("dx"), g_ref.get(&x).expect("dx ref"))?;
         println!("frozen_linear dx max |diff| = {d:e}");
         assert!(d < 1e-5, "dx diff {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn bias_starts_the_output_and_gets_no_gradient() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[7, 12], 11)?)?;
+        let w = randn(&[9, 12], 12)?;
+        let bias = Var::from_tensor(&randn(&[9], 13)?)?;
+        let (a, b) = (
+            Var::from_tensor(&randn(&[3, 12], 14)?)?,
+            Var::from_tensor(&randn(&[9, 3], 15)?)?,
+        );
+        let proj = randn(&[7, 9], 16)?;
+        for lora in [false, true] {
+            let (y, y_ref) = if lora {
+                let f = |bias| {
+                    crate::ops::lora_dash_linear_bias(
+                        x.as_tensor(),
+                        &w,
+                        bias,
+                        a.as_tensor(),
+                        b.as_tensor(),
+                        2.0,
+                        0.25,
+                        7,
+                        None,
+                    )
+                };
+                (
+                    f(Some(bias.as_tensor()))?,
+                    f(None)?.broadcast_add(&bias.as_tensor().detach())?,
+                )
+            } else {
+                (
+                    frozen_linear_bias(x.as_tensor(), &w, Some(bias.as_tensor()))?,
+                    frozen_linear(x.as_tensor(), &w)?.broadcast_add(&bias.as_tensor().detach())?,
+                )
+            };
+            let d = max_abs_diff(&y, &y_ref)?;
+            println!("biased (lora {lora}) forward max |diff| = {d:e}");
+            assert!(d < 1e-5, "forward diff {d}");
+            let g = (y * &proj)?.sum_all()?.backward()?;
+            let g_ref = (y_ref * &proj)?.sum_all()?.backward()?;
+            assert!(g.get(&bias).is_none(), "the bias is frozen");
+            let mut tracked = vec![&x];
+            if lora {
+                tracked.extend([&a, &b]);
+            }
+            for v in tracked {
+                let d = max_abs_diff(g.get(v).expect("grad"), g_ref.get(v).expect("grad ref"))?;
+                assert!(d < 1e-5, "gradient diff {d}");
+            }
+        }
+        let bad = randn(&[8], 17)?;
+        assert!(frozen_linear_bias(x.as_tensor(), &w, Some(&bad)).is_err());
         Ok(())
     }
 

@@ -80,7 +80,34 @@ pub fn lora_dash_linear(
     seed: u64,
     dash: Option<DashTerm>,
 ) -> Result<Tensor> {
+    lora_dash_linear_bias(x, w, None, a, b, scale, dropout_p, seed, dash)
+}
+
+/// [`lora_dash_linear`] plus a frozen bias `(out)`, written into the output before the
+/// products accumulate onto it (no separate pass over the output, no gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dash_linear_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_p: f32,
+    seed: u64,
+    dash: Option<DashTerm>,
+) -> Result<Tensor> {
     check_shapes(x, w, a, b, dash.as_ref())?;
+    if let Some(bias) = bias {
+        let out_dim = w.dims2()?.0;
+        if bias.dims() != [out_dim] {
+            return Err(Error::ShapeMismatch {
+                name: "lora_linear bias".into(),
+                expected: vec![out_dim],
+                got: bias.dims().to_vec(),
+            });
+        }
+    }
     if !(0.0..1.0).contains(&dropout_p) {
         return Err(Error::msg(format!(
             "dropout probability {dropout_p} is outside [0, 1)"
@@ -89,10 +116,16 @@ pub fn lora_dash_linear(
     // No directions, no term (and nothing for c to learn).
     let dash = dash.filter(|d| d.s() > 0);
     let dash_on_cpu = dash.is_none_or(|d| [d.u_s, d.v_s, d.c].iter().all(|t| is_cpu_f32(t)));
-    if !([x, w, a, b].iter().all(|t| is_cpu_f32(t)) && dash_on_cpu) {
-        return super::reference::lora_dash_linear(x, w, a, b, scale, dropout_p, seed, dash);
+    let bias_on_cpu = bias.is_none_or(is_cpu_f32);
+    if !([x, w, a, b].iter().all(|t| is_cpu_f32(t)) && dash_on_cpu && bias_on_cpu) {
+        let y = super::reference::lora_dash_linear(x, w, a, b, scale, dropout_p, seed, dash)?;
+        return Ok(match bias {
+            Some(bias) => y.broadcast_add(&bias.detach())?,
+            None => y,
+        });
     }
     let lora = LoraLinear {
+        bias: super::linear::bias_values(bias)?,
         w: w.detach(),
         scale: scale as f32,
         mask: MaskSpec::new(dropout_p, seed),
@@ -146,6 +179,8 @@ fn check_shapes(
 /// The frozen part of the op and its dropout; the LoRA factors are inputs.
 struct LoraLinear {
     w: Tensor,
+    /// Frozen `(out)`, the output's starting value.
+    bias: Option<Vec<f32>>,
     scale: f32,
     mask: MaskSpec,
     /// The forward's thin projection `[drop(x)·Aᵀ | x·V_s]` (n, r + s), kept for the
@@ -322,8 +357,11 @@ impl LoraLinear {
         dash: Option<DashViews>,
     ) -> Vec<f32> {
         let (n, out_dim, r) = (x.rows, w.rows, a.rows);
-        let mut y = vec![0f32; n * out_dim];
-        matmul_into(&mut y, x, w.t(), 1.0, false, true);
+        let mut y = match &self.bias {
+            Some(bias) => super::linear::bias_rows(bias, n),
+            None => vec![0f32; n * out_dim],
+        };
+        matmul_into(&mut y, x, w.t(), 1.0, self.bias.is_some(), true);
         let Some(d) = dash else {
             let xa = project(x, a, None, &self.mask); // (n, r)
             matmul_into(

@@ -47,6 +47,12 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     linear::frozen_linear(x, w)
 }
 
+/// [`frozen_linear`] plus a frozen bias `(out)` that starts the output (one pass, no
+/// gradient for the bias).
+pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear::frozen_linear_bias(x, w, bias)
+}
+
 /// `x (n, in) · wᵀ + scale · (drop(x) · aᵀ) · bᵀ`: a frozen linear layer plus its LoRA
 /// term in one op, `w (out, in)` frozen, `a (r, in)`, `b (out, r)`. `drop` is inverted
 /// dropout with probability `dropout_p` whose mask is a function of `seed`
@@ -79,6 +85,22 @@ pub fn lora_dash_linear(
     dash: Option<DashTerm>,
 ) -> Result<Tensor> {
     lora_linear::lora_dash_linear(x, w, a, b, scale, dropout_p, seed, dash)
+}
+
+/// [`lora_dash_linear`] plus a frozen bias `(out)` that starts the output.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_dash_linear_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_p: f32,
+    seed: u64,
+    dash: Option<DashTerm>,
+) -> Result<Tensor> {
+    lora_linear::lora_dash_linear_bias(x, w, bias, a, b, scale, dropout_p, seed, dash)
 }
 
 /// Mean cross-entropy of the logits `h (n, e) · wᵀ` (`w (v, e)` frozen) against `labels`
