@@ -17,6 +17,7 @@ use crate::error::Result;
 
 mod attention;
 mod cpu;
+pub mod disentangled;
 mod elementwise;
 mod encoder_attention;
 mod gelu;
@@ -31,6 +32,7 @@ mod rope;
 mod softmax;
 
 pub use attention::causal_attention;
+pub use disentangled::{disentangled_attention, RelIndex};
 pub use elementwise::{dropout, silu_mul};
 pub use lora_linear::dropout_mask as lora_dropout_mask;
 pub use lora_linear::DashTerm;
