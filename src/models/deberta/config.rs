@@ -150,7 +150,7 @@ impl DebertaConfig {
                 format!("`{}` is not supported (gelu or tanh)", c.pooler_hidden_act),
             );
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!("must divide hidden_size {}", c.hidden_size),
