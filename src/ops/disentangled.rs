@@ -29,6 +29,10 @@ pub struct RelIndex {
     pub span: usize,
     pub c2p: Arc<Vec<u32>>,
     pub p2c: Arc<Vec<u32>>,
+    /// Smallest and largest index in either table: only rows `lo..=hi` of the relative
+    /// projections are read (for t positions fewer than 2·span when t < span).
+    pub lo: usize,
+    pub hi: usize,
 }
 
 impl RelIndex {
@@ -47,11 +51,15 @@ impl RelIndex {
                 "disentangled attention: an index is outside the 2·span = {n} relative embeddings"
             )));
         }
+        let all = || c2p.iter().chain(&p2c).map(|&i| i as usize);
+        let (lo, hi) = (all().min().unwrap_or(0), all().max().unwrap_or(0));
         Ok(RelIndex {
             t,
             span,
             c2p: Arc::new(c2p),
             p2c: Arc::new(p2c),
+            lo,
+            hi,
         })
     }
 }

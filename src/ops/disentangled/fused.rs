@@ -122,24 +122,29 @@ impl Geo {
     /// Masked scores of head `bh` into `s` (t, t); `c` (t, r) is scratch. Masked pairs and
     /// whole padding query rows are -inf.
     pub fn scores(&self, s: &mut [f32], c: &mut [f32], bh: usize, x: &HeadIn) {
-        let (t, d, r) = (self.t, self.d, self.r);
+        let (t, d) = (self.t, self.d);
         let (q, k) = (MatView::rows(x.q, t, d), MatView::rows(x.k, t, d));
         matmul_into(s, q, k.t(), self.scale, false, false);
+        // Only relative rows lo..=hi are indexed: c is (t, w) over those rows.
+        let (lo, w) = (self.rel.lo, self.rel.hi + 1 - self.rel.lo);
+        let c = &mut c[..t * w];
         if let Some(pk) = x.pk {
-            // c[i][.] = scale · q_i · pk[.]; S[i][j] += c[i][c2p[i][j]].
-            matmul_into(c, q, MatView::rows(pk, r, d).t(), self.scale, false, false);
-            for ((srow, ix), crow) in s.chunks_mut(t).zip(self.rel.c2p.chunks(t)).zip(c.chunks(r)) {
+            // c[i][.] = scale · q_i · pk[lo + .]; S[i][j] += c[i][c2p[i][j] - lo].
+            let pk = MatView::rows(&pk[lo * d..][..w * d], w, d);
+            matmul_into(c, q, pk.t(), self.scale, false, false);
+            for ((srow, ix), crow) in s.chunks_mut(t).zip(self.rel.c2p.chunks(t)).zip(c.chunks(w)) {
                 for (x, &i) in srow.iter_mut().zip(ix) {
-                    *x += crow[i as usize];
+                    *x += crow[i as usize - lo];
                 }
             }
         }
         if let Some(pq) = x.pq {
-            // c[j][.] = scale · k_j · pq[.]; S[i][j] += c[j][p2c[i][j]].
-            matmul_into(c, k, MatView::rows(pq, r, d).t(), self.scale, false, false);
+            // c[j][.] = scale · k_j · pq[lo + .]; S[i][j] += c[j][p2c[i][j] - lo].
+            let pq = MatView::rows(&pq[lo * d..][..w * d], w, d);
+            matmul_into(c, k, pq.t(), self.scale, false, false);
             for (srow, ix) in s.chunks_mut(t).zip(self.rel.p2c.chunks(t)) {
                 for (j, (x, &i)) in srow.iter_mut().zip(ix).enumerate() {
-                    *x += c[j * r + i as usize];
+                    *x += c[j * w + i as usize - lo];
                 }
             }
         }

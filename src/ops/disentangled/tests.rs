@@ -10,11 +10,11 @@ const B: usize = 3;
 const H: usize = 2;
 const T: usize = 7;
 const D: usize = 4;
-const SPAN: usize = 3;
 
-/// Tables of a bucketed-like geometry: rel[i][j] = i - j clamped by span.
-fn index() -> RelIndex {
-    let s = SPAN as i64;
+/// Tables of a bucketed-like geometry: rel[i][j] = i - j clamped by span. With span 3
+/// every relative row is used; with span 8 only rows 2..=14 of 16 are.
+fn index(span: usize) -> RelIndex {
+    let s = span as i64;
     let clamp = |x: i64| x.clamp(0, 2 * s - 1) as u32;
     let mut c2p = Vec::new();
     let mut p2c = Vec::new();
@@ -25,7 +25,7 @@ fn index() -> RelIndex {
             p2c.push(clamp(s - (j - i) / 2));
         }
     }
-    RelIndex::new(T, SPAN, c2p, p2c).unwrap()
+    RelIndex::new(T, span, c2p, p2c).unwrap()
 }
 
 fn mask(all_padding_row: bool) -> Tensor {
@@ -47,15 +47,15 @@ struct Inputs {
     pq: Var,
 }
 
-fn inputs() -> Result<Inputs> {
+fn inputs(span: usize) -> Result<Inputs> {
     let leaf =
         |dims: &[usize], seed: u64| -> Result<Var> { Ok(Var::from_tensor(&randn(dims, seed)?)?) };
     Ok(Inputs {
         q: leaf(&[B, T, H, D + 1], 1)?,
         k: leaf(&[B, T, H, D + 1], 2)?,
         v: leaf(&[B, T, H, D + 1], 3)?,
-        pk: leaf(&[H, 2 * SPAN, D], 4)?,
-        pq: leaf(&[H, 2 * SPAN, D], 5)?,
+        pk: leaf(&[H, 2 * span, D], 4)?,
+        pq: leaf(&[H, 2 * span, D], 5)?,
     })
 }
 
@@ -65,12 +65,20 @@ fn view(x: &Tensor) -> Result<Tensor> {
 
 #[test]
 fn fused_matches_reference_values_and_gradients() -> Result<()> {
-    let rel = index();
-    let x = inputs()?;
     let scale = 1.0 / ((D * 3) as f64).sqrt();
-    for (c2p, p2c) in [(true, true), (true, false), (false, true), (false, false)] {
-        for m in [None, Some(mask(false)), Some(mask(true))] {
-            let label = format!("c2p {c2p} p2c {p2c} mask {}", m.is_some());
+    for (span, c2p, p2c, m) in [3, 8].into_iter().flat_map(|span| {
+        [(true, true), (true, false), (false, true), (false, false)]
+            .into_iter()
+            .flat_map(move |(a, b)| {
+                [None, Some(mask(false)), Some(mask(true))]
+                    .into_iter()
+                    .map(move |m| (span, a, b, m))
+            })
+    }) {
+        let rel = index(span);
+        let x = inputs(span)?;
+        {
+            let label = format!("span {span} c2p {c2p} p2c {p2c} mask {}", m.is_some());
             let run = |fused: bool| -> Result<(Tensor, candle_core::backprop::GradStore)> {
                 let (q, k, v) = (
                     view(x.q.as_tensor())?,
@@ -125,8 +133,8 @@ fn fused_matches_reference_values_and_gradients() -> Result<()> {
 /// Padding query rows output zeros, as `XSoftmax` gives.
 #[test]
 fn padding_rows_are_zero() -> Result<()> {
-    let rel = index();
-    let x = inputs()?;
+    let rel = index(3);
+    let x = inputs(3)?;
     let (q, k, v) = (
         view(x.q.as_tensor())?,
         view(x.k.as_tensor())?,
@@ -162,7 +170,14 @@ fn padding_rows_are_zero() -> Result<()> {
 
 #[test]
 fn fused_gradients_match_finite_differences() -> Result<()> {
-    let rel = index();
+    for span in [3, 8] {
+        finite_differences(span)?;
+    }
+    Ok(())
+}
+
+fn finite_differences(span: usize) -> Result<()> {
+    let rel = index(span);
     let m = mask(false);
     let f = |xs: &[Tensor]| -> Result<Tensor> {
         disentangled_attention(
@@ -180,8 +195,8 @@ fn fused_gradients_match_finite_differences() -> Result<()> {
         randn(&[B, T, H, D + 1], 11)?,
         randn(&[B, T, H, D + 1], 12)?,
         randn(&[B, T, H, D + 1], 13)?,
-        randn(&[H, 2 * SPAN, D], 14)?,
-        randn(&[H, 2 * SPAN, D], 15)?,
+        randn(&[H, 2 * span, D], 14)?,
+        randn(&[H, 2 * span, D], 15)?,
     ];
     finite_difference_check("disentangled attention", f, &xs, &[0, 1, 2, 3, 4], 1e-2)?
         .assert_within(2e-3);
@@ -190,13 +205,14 @@ fn fused_gradients_match_finite_differences() -> Result<()> {
 
 #[test]
 fn bad_shapes_are_refused() -> Result<()> {
-    let rel = index();
+    let span = 3;
+    let rel = index(span);
     let q = randn(&[B, H, T, D], 1)?;
-    let pk = randn(&[H, 2 * SPAN + 1, D], 2)?;
+    let pk = randn(&[H, 2 * span + 1, D], 2)?;
     let e = disentangled_attention(&q, &q, &q, Some(&pk), None, Some(&rel), None, 1.0);
     assert!(e.is_err());
     let e = disentangled_attention(&q, &q, &q, Some(&pk), None, None, None, 1.0);
     assert!(e.err().unwrap().to_string().contains("index tables"));
-    assert!(RelIndex::new(T, SPAN, vec![6; T * T], vec![0; T * T]).is_err());
+    assert!(RelIndex::new(T, span, vec![6; T * T], vec![0; T * T]).is_err());
     Ok(())
 }

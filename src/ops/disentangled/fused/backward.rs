@@ -151,41 +151,34 @@ fn head_backward(
     matmul_into(dk, dsm.t(), MatView::rows(x.q, t, d), g.scale, false, false);
     matmul_into(dv, MatView::rows(p, t, t).t(), dyh, 1.0, false, false);
     let rd = r * d;
+    // Only relative rows lo..=hi are indexed: dC is (t, w) over those rows.
+    let (lo, w) = (g.rel.lo, g.rel.hi + 1 - g.rel.lo);
+    let c = &mut c[..t * w];
     if let Some(pk) = x.pk {
         c.iter_mut().for_each(|v| *v = 0.0);
-        for ((dsrow, ix), crow) in ds.chunks(t).zip(g.rel.c2p.chunks(t)).zip(c.chunks_mut(r)) {
+        for ((dsrow, ix), crow) in ds.chunks(t).zip(g.rel.c2p.chunks(t)).zip(c.chunks_mut(w)) {
             for (&v, &i) in dsrow.iter().zip(ix) {
-                crow[i as usize] += v;
+                crow[i as usize - lo] += v;
             }
         }
-        let cm = MatView::rows(c, t, r);
-        matmul_into(dq, cm, MatView::rows(pk, r, d), g.scale, true, false);
-        matmul_into(
-            &mut acc[..rd],
-            cm.t(),
-            MatView::rows(x.q, t, d),
-            g.scale,
-            true,
-            false,
-        );
+        let cm = MatView::rows(c, t, w);
+        let pk = MatView::rows(&pk[lo * d..][..w * d], w, d);
+        matmul_into(dq, cm, pk, g.scale, true, false);
+        let dpk = &mut acc[lo * d..][..w * d];
+        matmul_into(dpk, cm.t(), MatView::rows(x.q, t, d), g.scale, true, false);
     }
     if let Some(pq) = x.pq {
         c.iter_mut().for_each(|v| *v = 0.0);
         for (dsrow, ix) in ds.chunks(t).zip(g.rel.p2c.chunks(t)) {
             for (j, (&v, &i)) in dsrow.iter().zip(ix).enumerate() {
-                c[j * r + i as usize] += v;
+                c[j * w + i as usize - lo] += v;
             }
         }
-        let cm = MatView::rows(c, t, r);
+        let cm = MatView::rows(c, t, w);
+        let pq = MatView::rows(&pq[lo * d..][..w * d], w, d);
+        matmul_into(dk, cm, pq, g.scale, true, false);
         let slot = g.c2p as usize;
-        matmul_into(dk, cm, MatView::rows(pq, r, d), g.scale, true, false);
-        matmul_into(
-            &mut acc[slot * rd..][..rd],
-            cm.t(),
-            MatView::rows(x.k, t, d),
-            g.scale,
-            true,
-            false,
-        );
+        let dpq = &mut acc[slot * rd + lo * d..][..w * d];
+        matmul_into(dpq, cm.t(), MatView::rows(x.k, t, d), g.scale, true, false);
     }
 }
