@@ -8,6 +8,7 @@
 pub mod beam;
 pub mod bert;
 pub mod config;
+pub mod deberta;
 pub mod generate;
 pub mod head;
 pub mod linear;
@@ -50,7 +51,7 @@ pub enum Objective {
 
 /// The architecture-independent face of a model.
 pub trait Model {
-    /// `model_type` as in `config.json` (`llama`, `bert`).
+    /// `model_type` as in `config.json` (`llama`, `bert`, `deberta-v2`).
     fn arch(&self) -> &'static str;
     fn family(&self) -> Family;
     fn objective(&self) -> Objective;
@@ -163,6 +164,7 @@ pub fn load(loaded: &LoadedModel, head: &HeadSpec) -> Result<Box<dyn Model>> {
         .unwrap_or("");
     match model_type {
         "bert" => Ok(Box::new(bert::Bert::load(loaded, head)?)),
+        "deberta-v2" => Ok(Box::new(deberta::Deberta::load(loaded, head)?)),
         _ => {
             let cfg = loaded.config.resolve()?;
             if matches!(head, HeadSpec::Sequence { .. }) {

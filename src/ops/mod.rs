@@ -18,6 +18,7 @@ use crate::error::Result;
 mod attention;
 mod cpu;
 pub use cpu::gemm_profile;
+pub mod disentangled;
 pub mod dora_linear;
 mod elementwise;
 mod encoder_attention;
@@ -33,6 +34,7 @@ mod rope;
 mod softmax;
 
 pub use attention::causal_attention;
+pub use disentangled::{disentangled_attention, RelIndex};
 pub use dora_linear::dora_linear;
 pub use elementwise::{dropout, silu_mul};
 pub use lora_linear::dropout_mask as lora_dropout_mask;
