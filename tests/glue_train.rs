@@ -260,6 +260,16 @@ fn dash_run_switches_exports_and_resumes() {
     let de = max_abs(&native, &export);
     println!("native vs rank-(r+s) export: {de:.3e}");
     assert!(de < 1e-5, "{de}");
+    // `all-linear` is written as the exact adapted paths (PEFT 0.13 cannot resolve it on a
+    // sequence classifier whose heads it wraps): 13 alternatives, the classifier not among them.
+    let tm = json(&full.join("peft").join("adapter_config.json"))["target_modules"].clone();
+    let tm = tm.as_str().expect("a regex string");
+    assert!(tm.starts_with("^(") && tm.ends_with(")$"), "{tm}");
+    assert_eq!(tm.split('|').count(), 13, "{tm}");
+    assert!(
+        tm.contains(r"bert\.pooler\.dense") && !tm.contains("classifier"),
+        "{tm}"
+    );
 
     // Interrupted after the switch (checkpoint at step 4), resumed to step 6.
     let part = d.path().join("part");

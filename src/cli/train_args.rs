@@ -133,8 +133,10 @@ pub struct TrainArgs {
 
 /// Default `--target-modules` of instruction tuning (LLaMA-family module names).
 pub const DECODER_TARGETS: &str = "q_proj,k_proj,v_proj,up_proj,down_proj";
-/// Default `--target-modules` of GLUE tasks (BERT-family module names).
-pub const ENCODER_TARGETS: &str = "query,key,value";
+/// Default `--target-modules` of GLUE tasks: the attention projections of BERT
+/// (`query`, `key`, `value`) and of DeBERTa (`query_proj`, `key_proj`, `value_proj`); each
+/// model has only one of the two sets.
+pub const ENCODER_TARGETS: &str = "query,key,value,query_proj,key_proj,value_proj";
 
 macro_rules! merge_fields {
     ($a:ident, $b:ident, $($f:ident),*) => { $( if $a.$f.is_none() { $a.$f = $b.$f.clone(); } )* };

@@ -168,7 +168,25 @@ pub fn peft_config_for(model: &dyn Model, cfg: &LoraConfig, base: Option<String>
     let mut c = PeftConfig::from_lora(cfg, base);
     if model.objective() != Objective::CausalLm {
         c.task_type = Some(SEQ_CLS.into());
-        c.modules_to_save = Some(model.modules_to_save());
+        let heads = model.modules_to_save();
+        // PEFT 0.13 resolves `all-linear` on a sequence classifier into leaf names (`dense`)
+        // that also reach the heads it wraps in `modules_to_save`, and then fails to load
+        // (`ModulesToSaveWrapper` has no attribute `dense`). The exact paths that carry an
+        // adapter, as one full-match regex, load everywhere and mean the same layers.
+        if !heads.is_empty()
+            && matches!(&cfg.target_modules, TargetModules::Pattern(p) if p == "all-linear")
+        {
+            let paths: Vec<String> = model
+                .linears()
+                .into_iter()
+                .filter(|l| l.adapter.is_some())
+                .map(|l| regex::escape(&l.path))
+                .collect();
+            if !paths.is_empty() {
+                c.target_modules = Some(TargetModules::Pattern(format!("^({})$", paths.join("|"))));
+            }
+        }
+        c.modules_to_save = Some(heads);
     }
     c
 }

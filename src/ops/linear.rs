@@ -52,9 +52,14 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
 
 /// `n` copies of `bias` (out), row-major: the starting value of a biased product.
 pub(super) fn bias_rows(bias: &[f32], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n * bias.len());
-    for _ in 0..n {
-        out.extend_from_slice(bias);
+    use rayon::prelude::*;
+    let mut out = vec![0f32; n * bias.len()];
+    if !bias.is_empty() {
+        out.par_chunks_mut(bias.len() * super::cpu::rows_per_task(bias.len()))
+            .for_each(|rows| {
+                rows.chunks_exact_mut(bias.len())
+                    .for_each(|r| r.copy_from_slice(bias))
+            });
     }
     out
 }
