@@ -452,6 +452,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// The closure itself must be `#[inline(always)]` too (`simd(#[inline(always)] || ..)`):
 /// otherwise LLVM may keep it as a separate function compiled for the SSE baseline, and
 /// the loop runs 4 lanes wide behind an AVX2 call.
+///
+/// Where the CPU has AVX-512F the loop is compiled for it instead (16 lanes). The loops are
+/// plain element-wise arithmetic and fixed-lane reductions, so both widths give bit-identical
+/// results; `LORA_DASH_SIMD=avx2` keeps the 8-lane version.
 #[inline(always)]
 pub(crate) fn simd<R, F: FnOnce() -> R>(f: F) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -460,12 +464,47 @@ pub(crate) fn simd<R, F: FnOnce() -> R>(f: F) -> R {
         unsafe fn with_avx2<R, F: FnOnce() -> R>(f: F) -> R {
             f()
         }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature the function is compiled for was detected at run time.
-            return unsafe { with_avx2(f) };
+        #[target_feature(enable = "avx512f,avx2")]
+        unsafe fn with_avx512<R, F: FnOnce() -> R>(f: F) -> R {
+            f()
+        }
+        match simd_level() {
+            // SAFETY: the features each function is compiled for were detected at run time.
+            SimdLevel::Avx512 => return unsafe { with_avx512(f) },
+            SimdLevel::Avx2 => return unsafe { with_avx2(f) },
+            SimdLevel::Baseline => {}
         }
     }
     f()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SimdLevel {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+/// The widest vector extension the row kernels use, detected once.
+#[inline(always)]
+fn simd_level() -> SimdLevel {
+    static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2_only = std::env::var("LORA_DASH_SIMD").is_ok_and(|v| v == "avx2");
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx2")
+                && !avx2_only
+            {
+                return SimdLevel::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Baseline
+    })
 }
 
 /// Lanes for the manual reductions below: independent accumulators let the compiler keep
