@@ -6,39 +6,55 @@
 use candle_core::Device;
 
 use crate::error::{Error, Result};
+use crate::io::Weights;
 
 /// Host memory: where file contents land and host-side maths (SVD, metrics) runs.
 pub fn host() -> Device {
     Device::Cpu
 }
 
-/// The device a `--device` value names: `cpu`, `cuda` or `cuda:N`.
-pub fn select(spec: &str) -> Result<Device> {
+/// What a `--device` value names: `cpu` (None) or `cuda` / `cuda:N` (Some(N)). Only the
+/// syntax is checked here; [`select`] opens the device.
+pub fn parse(spec: &str) -> Result<Option<usize>> {
     let s = spec.trim().to_ascii_lowercase();
     if s == "cpu" {
-        return Ok(Device::Cpu);
+        return Ok(None);
     }
-    let ordinal = match s.strip_prefix("cuda") {
-        Some("") => 0,
+    let bad = || Error::config("device", format!("`{spec}`: expected cpu, cuda or cuda:N"));
+    match s.strip_prefix("cuda") {
+        Some("") => Ok(Some(0)),
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                Error::config("device", format!("`{spec}`: expected cpu, cuda or cuda:N"))
-            })?,
-        None => {
-            return Err(Error::config(
-                "device",
-                format!("`{spec}`: expected cpu, cuda or cuda:N"),
-            ))
-        }
+            .map(Some)
+            .ok_or_else(bad),
+        None => Err(bad()),
+    }
+}
+
+/// The device a `--device` value names: `cpu`, `cuda` or `cuda:N`.
+pub fn select(spec: &str) -> Result<Device> {
+    let Some(ordinal) = parse(spec)? else {
+        return Ok(Device::Cpu);
     };
     Device::new_cuda(ordinal).map_err(|e| {
         Error::config(
             "device",
-            format!("`{spec}` is not available ({e}); this binary may lack the cuda feature"),
+            format!("`{spec}` is not available ({e}); this binary may lack the cuda feature (scripts/build-cuda.sh builds one with it)"),
         )
     })
+}
+
+/// Moves every tensor of `w` to `dev` (a no-op on the host).
+pub fn place(w: &Weights, dev: &Device) -> Result<Weights> {
+    if dev.is_cpu() {
+        return Ok(w.clone());
+    }
+    let mut out = Weights::new(w.origin().map(|p| p.to_path_buf()));
+    for (name, t) in w.iter() {
+        out.insert(name.clone(), t.to_device(dev)?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -48,7 +64,10 @@ mod tests {
     #[test]
     fn cpu_selects_and_bad_specs_are_errors() {
         assert!(select("cpu").unwrap().is_cpu());
-        for bad in ["gpu", "cuda:x", "cuda0", ""] {
+        assert_eq!(parse("CUDA").unwrap(), Some(0));
+        assert_eq!(parse("cuda:3").unwrap(), Some(3));
+        assert_eq!(parse(" cpu ").unwrap(), None);
+        for bad in ["gpu", "cuda:x", "cuda0", "", "cuda:-1", "cpu:0"] {
             let e = select(bad).unwrap_err().to_string();
             assert!(e.contains("device"), "{bad}: {e}");
         }

@@ -61,6 +61,10 @@ pub struct AnalyzeArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     pub overwrite: bool,
+    /// Where the models are built and the updates formed: cpu (default), cuda or cuda:N (the
+    /// SVDs run on the host).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 fn one_source(
@@ -110,9 +114,10 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
     inputs.extend(paths.into_iter().filter_map(|(f, p)| p.map(|p| (f, p))));
     let refs: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
     check_output(&args.out, args.overwrite, &refs, OUTPUT_MARKERS)?;
-    let loaded = crate::io::load_model(&args.model)?;
+    let mut loaded = crate::io::load_model(&args.model)?;
     inputs.push(("--model", loaded.path.clone()));
     loaded.weights.check_finite()?;
+    loaded.weights = crate::device::place(&loaded.weights, &crate::device::select(args.device.as_deref().unwrap_or("cpu"))?)?;
     // The base is built with the head the adapter was trained with, so module paths agree
     // (`bert.encoder…` under a sequence head).
     let head = match &source {

@@ -51,8 +51,19 @@ pub fn load_with_adapter(
     adapter: Option<&Path>,
     head: Option<HeadSpec>,
 ) -> Result<(io::LoadedModel, Box<dyn Model>)> {
-    let loaded = io::load_model(model)?;
+    load_with_adapter_on(model, adapter, head, &crate::device::host())
+}
+
+/// [`load_with_adapter`] with the model, its heads and the adapter on `dev`.
+pub fn load_with_adapter_on(
+    model: &str,
+    adapter: Option<&Path>,
+    head: Option<HeadSpec>,
+    dev: &candle_core::Device,
+) -> Result<(io::LoadedModel, Box<dyn Model>)> {
+    let mut loaded = io::load_model(model)?;
     loaded.weights.check_finite()?;
+    loaded.weights = crate::device::place(&loaded.weights, dev)?;
     let head = match (head, adapter) {
         (Some(h), _) => h,
         (None, Some(dir)) => io::dash::head_spec_of(dir)?,
@@ -65,14 +76,15 @@ pub fn load_with_adapter(
     Ok((loaded, m))
 }
 
-pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result<()> {
+pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool, device: &str) -> Result<()> {
+    let dev = crate::device::select(device)?;
     let stage = io::outpath::stage_output(
         out,
         overwrite,
         &[("--model", Path::new(model)), ("--adapter", adapter)],
         io::hf::HF_OUTPUT_MARKERS,
     )?;
-    let (loaded, m) = load_with_adapter(model, Some(adapter), None)?;
+    let (loaded, m) = load_with_adapter_on(model, Some(adapter), None, &dev)?;
     io::outpath::check_output_disjoint(out, &[("--model", &loaded.path)])?;
     let merged = m.base_weights(true)?;
     io::hf::write_hf_into_with_config(&loaded, &m.hf_config(&loaded.config_json)?, &merged, stage)?;
@@ -86,11 +98,13 @@ pub fn generate(
     prompts: &[String],
     alpaca: bool,
     max_new_tokens: usize,
+    device: &str,
 ) -> Result<()> {
+    let dev = crate::device::select(device)?;
     if prompts.is_empty() {
         return Err(Error::config("prompt", "give at least one --prompt"));
     }
-    let (loaded, m) = load_with_adapter(model, adapter, Some(HeadSpec::CausalLm))?;
+    let (loaded, m) = load_with_adapter_on(model, adapter, Some(HeadSpec::CausalLm), &dev)?;
     let m = m.as_causal_lm().ok_or_else(|| {
         Error::config(
             "model",

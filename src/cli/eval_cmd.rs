@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::commands::load_with_adapter;
+use crate::cli::commands::load_with_adapter_on;
 use crate::data::load_records;
 use crate::error::{Error, Result};
 use crate::eval::{self, report, EvalOptions, Mode, Task};
@@ -49,6 +49,9 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub overwrite: bool,
+    /// Where the model runs: cpu (default), cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
@@ -89,10 +92,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .map(|o| stage_eval_out(o, &args))
         .transpose()?;
 
-    let (loaded, model) = load_with_adapter(
+    let (loaded, model) = load_with_adapter_on(
         &args.model,
         args.adapter.as_deref(),
         Some(crate::models::HeadSpec::CausalLm),
+        &crate::device::select(&args.device)?,
     )?;
     let model = model.as_causal_lm().ok_or_else(|| {
         Error::config(
@@ -202,7 +206,9 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
         .map(|o| stage_eval_out(o, &args))
         .transpose()?;
     let head = task.head(None, 0);
-    let (loaded, model) = load_with_adapter(&args.model, args.adapter.as_deref(), Some(head))?;
+    let dev = crate::device::select(&args.device)?;
+    let (loaded, model) =
+        load_with_adapter_on(&args.model, args.adapter.as_deref(), Some(head), &dev)?;
     let tok = loaded
         .tokenizer
         .as_ref()

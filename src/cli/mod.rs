@@ -47,6 +47,9 @@ pub enum Command {
         out: PathBuf,
         #[arg(long)]
         overwrite: bool,
+        /// Where the merge runs: cpu (default), cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Measure training throughput and peak memory: runs `train` for a few steps in a
     /// scratch directory and reports tokens/s over the steps after `--skip`.
@@ -74,10 +77,14 @@ pub enum Command {
         alpaca: bool,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
+        /// cpu (default), cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
 pub fn run(cli: Cli) -> crate::Result<()> {
+    crate::ops::kernels()?;
     match cli.command {
         Command::Train(args) => commands::train(args),
         Command::Analyze(args) => analyze_cmd::run(&args).map(|_| ()),
@@ -93,13 +100,22 @@ pub fn run(cli: Cli) -> crate::Result<()> {
             adapter,
             out,
             overwrite,
-        } => commands::merge(&model, &adapter, &out, overwrite),
+            device,
+        } => commands::merge(&model, &adapter, &out, overwrite, &device),
         Command::Generate {
             model,
             adapter,
             prompt,
             alpaca,
             max_new_tokens,
-        } => commands::generate(&model, adapter.as_deref(), &prompt, alpaca, max_new_tokens),
+            device,
+        } => commands::generate(
+            &model,
+            adapter.as_deref(),
+            &prompt,
+            alpaca,
+            max_new_tokens,
+            &device,
+        ),
     }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::adapters::{LoraConfig, TargetModules};
 use crate::error::{clip, Error, IoContext, Result};
-use crate::train::config::{DashConfig, Method, TrainConfig};
+use crate::train::config::{default_device, DashConfig, Method, TrainConfig};
 use crate::train::schedule::ScheduleKind;
 
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -123,6 +123,10 @@ pub struct TrainArgs {
     /// it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub group_by_length: Option<bool>,
+    /// Where the model, adapters, optimizer state and batches live: cpu (default), cuda or
+    /// cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
     /// Replace an existing run directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite: Option<bool>,
@@ -202,6 +206,7 @@ impl TrainArgs {
                 train_on_inputs,
                 max_records,
                 group_by_length,
+                device,
                 overwrite,
                 resume
             );
@@ -278,6 +283,7 @@ impl TrainArgs {
             resume: a.resume,
             max_records: a.max_records,
             group_by_length: a.group_by_length.unwrap_or(true),
+            device: a.device.clone().unwrap_or_else(default_device),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -306,8 +306,10 @@ pub fn load_lora(model: &mut dyn Model, dir: &Path) -> Result<PeftConfig> {
         // Some writers keep the adapter name in the key.
         let ka2 = key(&l.path, "lora_A.default.weight");
         let kb2 = key(&l.path, "lora_B.default.weight");
-        let a = w.remove(&ka).or_else(|| w.remove(&ka2));
-        let b = w.remove(&kb).or_else(|| w.remove(&kb2));
+        let dev = l.weight.device().clone();
+        let on_dev = |t: Option<candle_core::Tensor>| t.map(|t| t.to_device(&dev)).transpose();
+        let a = on_dev(w.remove(&ka).or_else(|| w.remove(&ka2)))?;
+        let b = on_dev(w.remove(&kb).or_else(|| w.remove(&kb2)))?;
         match (a, b) {
             (None, None) => continue,
             (Some(_), None) => {
@@ -342,7 +344,7 @@ pub fn load_lora(model: &mut dyn Model, dir: &Path) -> Result<PeftConfig> {
                 let lora = LoraLayer::from_tensors(&a, &b, scale, cfg.lora_dropout)?;
                 l.adapter = Some(if cfg.use_dora {
                     let km = key(&l.path, MAGNITUDE);
-                    let m = w.remove(&km).ok_or_else(|| Error::MissingTensor {
+                    let m = on_dev(w.remove(&km))?.ok_or_else(|| Error::MissingTensor {
                         name: km.clone(),
                         from: Some(wpath.clone()),
                     })?;

@@ -234,11 +234,12 @@ pub fn load_native(model: &mut dyn Model, dir: &Path) -> Result<PissaAdapterConf
                 ),
             ));
         }
+        let dev = l.weight.device().clone();
         let mut take = |name: &str, shape: &[usize]| -> Result<candle_core::Tensor> {
             let k = key(&l.path, name);
             let t = w.get_shaped(&k, shape)?;
             w.remove(&k);
-            Ok(t)
+            Ok(t.to_device(&dev)?)
         };
         let a = take("lora_A.weight", &[r, i])?;
         let b = take("lora_B.weight", &[o, r])?;

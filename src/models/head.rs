@@ -90,9 +90,10 @@ impl TrainableLinear {
     }
 
     /// Replaces the values (loading a trained head); shapes must match.
+    /// Sets both tensors (moved to the head's device when they are elsewhere).
     pub fn set(&self, weight: &Tensor, bias: &Tensor) -> Result<()> {
-        self.weight.set(weight)?;
-        self.bias.set(bias)?;
+        self.weight.set(&weight.to_device(self.weight.device())?)?;
+        self.bias.set(&bias.to_device(self.bias.device())?)?;
         Ok(())
     }
 }

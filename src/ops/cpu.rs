@@ -11,9 +11,11 @@ use rayon::prelude::*;
 
 pub(crate) type CResult<T> = candle_core::Result<T>;
 
-/// True when `t` can go through the fused f32 CPU kernels.
+/// True when `t` can go through the fused f32 CPU kernels: an f32 tensor in host memory,
+/// and the fused kernels not switched off (`LORA_DASH_KERNELS=reference`, see
+/// [`super::kernels`]).
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+    !super::reference_forced() && matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
 /// The f32 data of `s` viewed through `l`, row-major. Borrowed when the layout is already

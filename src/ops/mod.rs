@@ -40,6 +40,41 @@ pub use elementwise::{dropout, silu_mul};
 pub use lora_linear::dropout_mask as lora_dropout_mask;
 pub use lora_linear::DashTerm;
 
+/// Which implementation the ops run where both exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused CPU kernels for f32 host tensors, the composed reference elsewhere.
+    Fused,
+    /// The composed, device-generic reference everywhere (the path every device without a
+    /// fused kernel takes), for checking that path on the CPU.
+    Reference,
+}
+
+/// The environment variable that selects [`Kernels`]: `fused` (the default) or `reference`.
+pub const KERNELS_ENV: &str = "LORA_DASH_KERNELS";
+
+/// The kernels `LORA_DASH_KERNELS` asks for; an unknown value is an error naming it.
+pub fn kernels() -> Result<Kernels> {
+    match std::env::var(KERNELS_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(Kernels::Fused),
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("fused") => Ok(Kernels::Fused),
+        Ok(v) if v.eq_ignore_ascii_case("reference") => Ok(Kernels::Reference),
+        Ok(v) => Err(crate::error::Error::config(
+            KERNELS_ENV,
+            format!("`{v}`: expected `fused` or `reference`"),
+        )),
+        Err(e) => Err(crate::error::Error::config(KERNELS_ENV, e.to_string())),
+    }
+}
+
+/// Whether the composed reference is forced for every op (read once per process; a bad
+/// value counts as the default here, and the binary refuses it at start-up through
+/// [`kernels`]).
+pub fn reference_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| matches!(kernels(), Ok(Kernels::Reference)))
+}
+
 /// Label value that is excluded from the loss (Hugging Face convention).
 pub const IGNORE_INDEX: i64 = -100;
 

@@ -139,6 +139,14 @@ pub struct TrainConfig {
     /// from run files written before it existed, which batched at random.
     #[serde(default)]
     pub group_by_length: bool,
+    /// `cpu`, `cuda` or `cuda:N` (see `device::parse`); runs written before it existed ran on
+    /// the CPU.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+pub fn default_device() -> String {
+    "cpu".into()
 }
 
 /// Most epochs a run may ask for; with any realistic data set the step count stays far
@@ -161,6 +169,7 @@ fn positive_finite(field: &str, v: f64) -> Result<()> {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
+        crate::device::parse(&self.device)?;
         crate::data::Task::parse(self.task.as_deref())?;
         if let Some(p) = self.classifier_dropout {
             if !(0.0..1.0).contains(&p) {

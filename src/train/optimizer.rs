@@ -7,6 +7,12 @@
 //!   p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)   (ε outside the square root)
 //! The element loops run in f32 with the scalar factors computed in f64, in PyTorch's order.
 //!
+//! Where the state lives: a parameter in host memory keeps its moments in host vectors and is
+//! updated by one parallel f32 loop; a parameter on another device (or every parameter when
+//! `LORA_DASH_KERNELS=reference`) keeps them as tensors on its device and is updated by
+//! candle ops there, the same arithmetic in the same order, so nothing crosses to the host
+//! but the gradient norm (one scalar per parameter).
+//!
 //! Clipping: [`AdamW::clip_grad_norm`] does not rewrite the gradients; it records the factor
 //! `min(1, max_norm / (norm + 1e-6))` and the next [`AdamW::step`] multiplies every gradient by
 //! it before use (then forgets it), which is what scaling the gradients in place would do.
@@ -41,11 +47,64 @@ impl Default for AdamWConfig {
     }
 }
 
+/// First and second moments of one parameter.
+enum Moments {
+    /// Host vectors (the parameter is in host memory).
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// f32 tensors on the parameter's device.
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn zeros(var: &Var, device: bool) -> Result<Moments> {
+        Ok(if device {
+            let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            Moments::Device { m: z.clone(), v: z }
+        } else {
+            let n = var.elem_count();
+            Moments::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }
+        })
+    }
+
+    fn from_vecs(var: &Var, device: bool, m: Vec<f32>, v: Vec<f32>) -> Result<Moments> {
+        Ok(if device {
+            let t = |x: Vec<f32>| Tensor::from_vec(x, var.shape(), var.device());
+            Moments::Device { m: t(m)?, v: t(v)? }
+        } else {
+            Moments::Host { m, v }
+        })
+    }
+
+    fn is_device(&self) -> bool {
+        matches!(self, Moments::Device { .. })
+    }
+
+    /// Both moments as host tensors of `shape`.
+    fn to_host(&self, shape: &candle_core::Shape) -> Result<(Tensor, Tensor)> {
+        let host = crate::device::host();
+        Ok(match self {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, shape.clone(), &host)?,
+                Tensor::from_slice(v, shape.clone(), &host)?,
+            ),
+            Moments::Device { m, v } => (m.to_device(&host)?, v.to_device(&host)?),
+        })
+    }
+}
+
+/// Whether `var`'s state lives on its device (tensors) rather than in host vectors:
+/// always off the host, and on the host too when `force` (the reference path).
+fn on_device(var: &Var, force: bool) -> bool {
+    force || !var.device().is_cpu()
+}
+
 struct ParamState {
     name: String,
     var: Var,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    moments: Moments,
     step: u64,
     /// Multiplies the step's learning rate for this parameter (1: the base rate).
     lr_scale: f64,
@@ -56,6 +115,8 @@ pub struct AdamW {
     cfg: AdamWConfig,
     /// Gradient factor set by `clip_grad_norm`, consumed by the next `step`.
     pending_scale: Option<f64>,
+    /// Keep host parameters' state as tensors too (`LORA_DASH_KERNELS=reference`).
+    force_device_state: bool,
 }
 
 /// Elements per parallel chunk; small tensors run on one thread.
@@ -67,6 +128,7 @@ impl AdamW {
             params: Vec::new(),
             cfg,
             pending_scale: None,
+            force_device_state: crate::ops::reference_forced(),
         };
         opt.add_params(params)?;
         Ok(opt)
@@ -87,17 +149,23 @@ impl AdamW {
                     var.dtype()
                 )));
             }
-            let n = var.elem_count();
+            let moments = Moments::zeros(&var, on_device(&var, self.force_device_state))?;
             self.params.push(ParamState {
                 name,
                 var,
-                exp_avg: vec![0.0; n],
-                exp_avg_sq: vec![0.0; n],
+                moments,
                 step: 0,
                 lr_scale: 1.0,
             });
         }
         Ok(())
+    }
+
+    /// Keeps the state of parameters added from now on as tensors on their device even in
+    /// host memory (what `LORA_DASH_KERNELS=reference` does), so that path can be tested
+    /// against the host loop.
+    pub fn force_device_state(&mut self) {
+        self.force_device_state = true;
     }
 
     /// Keeps only the parameters whose name satisfies `keep`, dropping the others' state
@@ -140,7 +208,7 @@ impl AdamW {
 
     /// Total number of trainable scalars.
     pub fn num_elements(&self) -> usize {
-        self.params.iter().map(|p| p.exp_avg.len()).sum()
+        self.params.iter().map(|p| p.var.elem_count()).sum()
     }
 
     /// Updates every parameter with learning rate `lr`, using (and clearing) the factor set by
@@ -148,10 +216,10 @@ impl AdamW {
     /// when a parameter has no gradient.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let scale = self.pending_scale.take().unwrap_or(1.0) as f32;
-        let gs: Vec<Vec<f32>> = self
+        let gs: Vec<Grad> = self
             .params
             .iter()
-            .map(|p| grad_of(grads, &p.name, &p.var))
+            .map(|p| grad_of(grads, &p.name, &p.var, p.moments.is_device()))
             .collect::<Result<_>>()?;
         let AdamWConfig {
             beta1,
@@ -160,44 +228,29 @@ impl AdamW {
             weight_decay,
             ..
         } = self.cfg;
-        for (p, mut g) in self.params.iter_mut().zip(gs) {
-            if scale != 1.0 {
-                g.iter_mut().for_each(|x| *x *= scale);
-            }
+        for (p, g) in self.params.iter_mut().zip(gs) {
             p.step += 1;
             let t = p.step as i32;
             let lr = lr * p.lr_scale;
-            let decay = (1.0 - lr * weight_decay) as f32;
-            let w1 = (1.0 - beta1) as f32;
-            let b2 = beta2 as f32;
-            let w2 = (1.0 - beta2) as f32;
-            let step_size = lr / (1.0 - beta1.powi(t));
-            let neg_step = (-step_size) as f32;
-            let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt() as f32;
-            let eps = eps as f32;
-            let mut data: Vec<f32> = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let update = |x: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
-                for i in 0..x.len() {
-                    x[i] *= decay;
-                    // torch.lerp for weight < 0.5: m + w·(g − m).
-                    m[i] = if w1 < 0.5 {
-                        m[i] + w1 * (g[i] - m[i])
-                    } else {
-                        g[i] - (g[i] - m[i]) * (1.0 - w1)
-                    };
-                    v[i] = v[i] * b2 + w2 * g[i] * g[i];
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    x[i] += neg_step * m[i] / denom;
-                }
+            let k = StepFactors {
+                scale,
+                decay: (1.0 - lr * weight_decay) as f32,
+                w1: (1.0 - beta1) as f32,
+                b2: beta2 as f32,
+                w2: (1.0 - beta2) as f32,
+                neg_step: (-(lr / (1.0 - beta1.powi(t)))) as f32,
+                bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+                eps: eps as f32,
             };
-            data.par_chunks_mut(CHUNK)
-                .zip(p.exp_avg.par_chunks_mut(CHUNK))
-                .zip(p.exp_avg_sq.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(((x, m), v), g)| update(x, m, v, g));
-            let shape = p.var.shape().clone();
-            let dev = p.var.device().clone();
-            p.var.set(&Tensor::from_vec(data, shape, &dev)?)?;
+            match (&mut p.moments, g) {
+                (Moments::Host { m, v }, Grad::Host(g)) => k.host(&p.var, m, v, g)?,
+                (Moments::Device { m, v }, Grad::Device(g)) => {
+                    let (m2, v2) = k.device(&p.var, m, v, &g)?;
+                    *m = m2;
+                    *v = v2;
+                }
+                _ => unreachable!("gradients are read in the form of the moments"),
+            }
         }
         Ok(())
     }
@@ -215,8 +268,7 @@ impl AdamW {
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sq = 0f64;
         for p in &self.params {
-            let g = grad_of(grads, &p.name, &p.var)?;
-            sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            sq += grad_sq(grads, &p.name, &p.var, p.moments.is_device())?;
         }
         Ok(sq.sqrt())
     }
@@ -224,21 +276,15 @@ impl AdamW {
     /// Moments and step count of every parameter, as `{name}.exp_avg`, `{name}.exp_avg_sq`
     /// (f32, the parameter's shape) and `{name}.step` (i64, shape [1]).
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let cpu = candle_core::Device::Cpu;
+        let host = crate::device::host();
         let mut out = Vec::with_capacity(3 * self.params.len());
         for p in &self.params {
-            let shape = p.var.shape().clone();
-            out.push((
-                format!("{}.exp_avg", p.name),
-                Tensor::from_slice(&p.exp_avg, shape.clone(), &cpu)?,
-            ));
-            out.push((
-                format!("{}.exp_avg_sq", p.name),
-                Tensor::from_slice(&p.exp_avg_sq, shape, &cpu)?,
-            ));
+            let (m, v) = p.moments.to_host(p.var.shape())?;
+            out.push((format!("{}.exp_avg", p.name), m));
+            out.push((format!("{}.exp_avg_sq", p.name), v));
             out.push((
                 format!("{}.step", p.name),
-                Tensor::new(&[p.step as i64], &cpu)?,
+                Tensor::new(&[p.step as i64], &host)?,
             ));
         }
         Ok(out)
@@ -285,8 +331,7 @@ impl AdamW {
             }
         }
         for (p, (m, v, step)) in self.params.iter_mut().zip(loaded) {
-            p.exp_avg = m;
-            p.exp_avg_sq = v;
+            p.moments = Moments::from_vecs(&p.var, p.moments.is_device(), m, v)?;
             p.step = step;
         }
         self.pending_scale = None;
@@ -298,13 +343,87 @@ impl AdamW {
 pub fn grad_norm(grads: &GradStore, params: &[(String, Var)]) -> Result<f64> {
     let mut sq = 0f64;
     for (name, var) in params {
-        let g = grad_of(grads, name, var)?;
-        sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        sq += grad_sq(grads, name, var, on_device(var, crate::ops::reference_forced()))?;
     }
     Ok(sq.sqrt())
 }
 
-fn grad_of(grads: &GradStore, name: &str, var: &Var) -> Result<Vec<f32>> {
+/// A parameter's gradient, in the form its moments take.
+enum Grad {
+    Host(Vec<f32>),
+    Device(Tensor),
+}
+
+/// The scalar factors of one AdamW step of one parameter (f32, computed in f64).
+struct StepFactors {
+    scale: f32,
+    decay: f32,
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    neg_step: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl StepFactors {
+    /// The update on host vectors, in parallel chunks.
+    fn host(&self, var: &Var, m: &mut [f32], v: &mut [f32], mut g: Vec<f32>) -> Result<()> {
+        let k = self;
+        if k.scale != 1.0 {
+            g.iter_mut().for_each(|x| *x *= k.scale);
+        }
+        let mut data: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let update = |x: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+            for i in 0..x.len() {
+                x[i] *= k.decay;
+                // torch.lerp for weight < 0.5: m + w·(g − m).
+                m[i] = if k.w1 < 0.5 {
+                    m[i] + k.w1 * (g[i] - m[i])
+                } else {
+                    g[i] - (g[i] - m[i]) * (1.0 - k.w1)
+                };
+                v[i] = v[i] * k.b2 + k.w2 * g[i] * g[i];
+                let denom = v[i].sqrt() / k.bc2_sqrt + k.eps;
+                x[i] += k.neg_step * m[i] / denom;
+            }
+        };
+        data.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((x, m), v), g)| update(x, m, v, g));
+        var.set(&Tensor::from_vec(data, var.shape().clone(), var.device())?)?;
+        Ok(())
+    }
+
+    /// The same update with candle ops on the parameter's device; returns the new moments.
+    /// Scalars enter as f32 values (candle's affine ops multiply in the tensor's dtype) and
+    /// divisions stay divisions, so the arithmetic is the host loop's, element for element.
+    fn device(&self, var: &Var, m: &Tensor, v: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = self;
+        let f = |x: f32| x as f64;
+        let g = if k.scale != 1.0 {
+            (g * f(k.scale))?
+        } else {
+            g.clone()
+        };
+        let x = (var.as_tensor().detach() * f(k.decay))?;
+        let m = if k.w1 < 0.5 {
+            (m + ((&g - m)? * f(k.w1))?)?
+        } else {
+            (&g - ((&g - m)? * f(1.0 - k.w1))?)?
+        };
+        let v = ((v * f(k.b2))? + ((&g * f(k.w2))? * &g)?)?;
+        let bc2 = Tensor::new(k.bc2_sqrt, var.device())?;
+        let denom = (v.sqrt()?.broadcast_div(&bc2)? + f(k.eps))?;
+        let x = (x + ((&m * f(k.neg_step))? / &denom)?)?;
+        var.set(&x)?;
+        Ok((m, v))
+    }
+}
+
+fn checked_grad<'a>(grads: &'a GradStore, name: &str, var: &Var) -> Result<&'a Tensor> {
     let g = grads
         .get(var.as_tensor())
         .ok_or_else(|| Error::NoGradient(name.to_string()))?;
@@ -315,7 +434,27 @@ fn grad_of(grads: &GradStore, name: &str, var: &Var) -> Result<Vec<f32>> {
             got: g.dims().to_vec(),
         });
     }
-    Ok(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(g)
+}
+
+fn grad_of(grads: &GradStore, name: &str, var: &Var, device: bool) -> Result<Grad> {
+    let g = checked_grad(grads, name, var)?.to_dtype(DType::F32)?;
+    Ok(if device {
+        Grad::Device(g.contiguous()?)
+    } else {
+        Grad::Host(g.flatten_all()?.to_vec1::<f32>()?)
+    })
+}
+
+/// The squared L2 norm of a parameter's gradient, accumulated in f64: sequentially on the
+/// host for a host parameter, as one reduction on the device otherwise.
+fn grad_sq(grads: &GradStore, name: &str, var: &Var, device: bool) -> Result<f64> {
+    let g = checked_grad(grads, name, var)?;
+    if device {
+        return Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?);
+    }
+    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
 }
 
 #[cfg(test)]

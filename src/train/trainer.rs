@@ -121,6 +121,8 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     })?;
     loaded.weights.check_finite()?;
     let base_hash = weights_hash(&loaded.weights)?;
+    let mut loaded = loaded;
+    loaded.weights = crate::device::place(&loaded.weights, &crate::device::select(&cfg.device)?)?;
     let mut model = crate::models::load(&loaded, &task.head(cfg.classifier_dropout, cfg.seed))?;
     let source = io::LoadedModel {
         weights: Weights::new(None),
@@ -700,7 +702,7 @@ fn restore_vars(vars: &[(String, Var)], w: &Weights) -> Result<()> {
     w.check_finite()?;
     for (n, v) in vars {
         let t: Tensor = w.get_shaped(n, v.dims())?;
-        v.set(&t)?;
+        v.set(&t.to_device(v.device())?)?;
     }
     Ok(())
 }

@@ -440,11 +440,16 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, lhs_grad.clone())?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, rhs_grad.clone())?;
+                        // An operand that tracks no gradient (a frozen weight) gets none:
+                        // its product is never computed.
+                        if lhs.track_op() {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, lhs_grad.clone())?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, rhs_grad.clone())?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
