@@ -3,7 +3,7 @@
 //! where file contents, collated batches and the SVDs of frozen weights are formed before
 //! they move there.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::io::Weights;
@@ -43,6 +43,35 @@ pub fn select(spec: &str) -> Result<Device> {
             format!("`{spec}` is not available ({e}); this binary may lack the cuda feature (scripts/build-cuda.sh builds one with it)"),
         )
     })
+}
+
+/// The storage dtype a `--dtype` value names for the frozen base weights: `f32`, `bf16` or
+/// `f16`.
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(Error::config(
+            "dtype",
+            format!("`{spec}`: expected f32, bf16 or f16"),
+        )),
+    }
+}
+
+/// Stores the frozen weight of every linear layer of `model` in `dtype` (`--dtype`): the
+/// products widen it to f32 per call (exactly: every bf16 / f16 value is an f32), so
+/// activations, adapters, gradients and optimizer state stay f32. Embeddings (and so a tied
+/// LM head), norms and biases keep f32. Run it after the adapters are attached: a layer with an
+/// adapter keeps its f32 weight's hash, which saved adapters name their base by.
+pub fn store_frozen_as(model: &mut dyn crate::models::Model, dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        return Ok(());
+    }
+    for l in model.linears_mut() {
+        l.store_weight_as(dtype)?;
+    }
+    Ok(())
 }
 
 /// Moves every tensor of `w` to `dev` (a no-op on the host).

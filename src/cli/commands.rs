@@ -51,15 +51,17 @@ pub fn load_with_adapter(
     adapter: Option<&Path>,
     head: Option<HeadSpec>,
 ) -> Result<(io::LoadedModel, Box<dyn Model>)> {
-    load_with_adapter_on(model, adapter, head, &crate::device::host())
+    load_with_adapter_on(model, adapter, head, &crate::device::host(), candle_core::DType::F32)
 }
 
-/// [`load_with_adapter`] with the model, its heads and the adapter on `dev`.
+/// [`load_with_adapter`] with the model, its heads and the adapter on `dev`, and the frozen
+/// linear weights stored in `dtype` once the adapter is attached (`device::store_frozen_as`).
 pub fn load_with_adapter_on(
     model: &str,
     adapter: Option<&Path>,
     head: Option<HeadSpec>,
     dev: &candle_core::Device,
+    dtype: candle_core::DType,
 ) -> Result<(io::LoadedModel, Box<dyn Model>)> {
     let mut loaded = io::load_model(model)?;
     loaded.weights.check_finite()?;
@@ -73,6 +75,7 @@ pub fn load_with_adapter_on(
     if let Some(dir) = adapter {
         io::dash::load_any(m.as_mut(), dir)?;
     }
+    crate::device::store_frozen_as(m.as_mut(), dtype)?;
     Ok((loaded, m))
 }
 
@@ -84,7 +87,7 @@ pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool, device: &
         &[("--model", Path::new(model)), ("--adapter", adapter)],
         io::hf::HF_OUTPUT_MARKERS,
     )?;
-    let (loaded, m) = load_with_adapter_on(model, Some(adapter), None, &dev)?;
+    let (loaded, m) = load_with_adapter_on(model, Some(adapter), None, &dev, candle_core::DType::F32)?;
     io::outpath::check_output_disjoint(out, &[("--model", &loaded.path)])?;
     let merged = m.base_weights(true)?;
     io::hf::write_hf_into_with_config(&loaded, &m.hf_config(&loaded.config_json)?, &merged, stage)?;
@@ -99,12 +102,14 @@ pub fn generate(
     alpaca: bool,
     max_new_tokens: usize,
     device: &str,
+    dtype: &str,
 ) -> Result<()> {
     let dev = crate::device::select(device)?;
+    let dtype = crate::device::parse_dtype(dtype)?;
     if prompts.is_empty() {
         return Err(Error::config("prompt", "give at least one --prompt"));
     }
-    let (loaded, m) = load_with_adapter_on(model, adapter, Some(HeadSpec::CausalLm), &dev)?;
+    let (loaded, m) = load_with_adapter_on(model, adapter, Some(HeadSpec::CausalLm), &dev, dtype)?;
     let m = m.as_causal_lm().ok_or_else(|| {
         Error::config(
             "model",

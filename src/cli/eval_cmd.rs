@@ -52,6 +52,9 @@ pub struct EvalArgs {
     /// Where the model runs: cpu (default), cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Storage of the frozen linear weights: f32 (default), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
@@ -97,6 +100,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         args.adapter.as_deref(),
         Some(crate::models::HeadSpec::CausalLm),
         &crate::device::select(&args.device)?,
+        crate::device::parse_dtype(&args.dtype)?,
     )?;
     let model = model.as_causal_lm().ok_or_else(|| {
         Error::config(
@@ -208,7 +212,13 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
     let head = task.head(None, 0);
     let dev = crate::device::select(&args.device)?;
     let (loaded, model) =
-        load_with_adapter_on(&args.model, args.adapter.as_deref(), Some(head), &dev)?;
+        load_with_adapter_on(
+            &args.model,
+            args.adapter.as_deref(),
+            Some(head),
+            &dev,
+            crate::device::parse_dtype(&args.dtype)?,
+        )?;
     let tok = loaded
         .tokenizer
         .as_ref()

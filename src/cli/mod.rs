@@ -80,6 +80,9 @@ pub enum Command {
         /// cpu (default), cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Storage of the frozen linear weights: f32 (default), bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
 }
 
@@ -109,6 +112,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
             alpaca,
             max_new_tokens,
             device,
+            dtype,
         } => commands::generate(
             &model,
             adapter.as_deref(),
@@ -116,6 +120,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
             alpaca,
             max_new_tokens,
             &device,
+            &dtype,
         ),
     }
 }

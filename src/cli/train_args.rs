@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::adapters::{LoraConfig, TargetModules};
 use crate::error::{clip, Error, IoContext, Result};
-use crate::train::config::{default_device, DashConfig, Method, TrainConfig};
+use crate::train::config::{default_device, default_dtype, DashConfig, Method, TrainConfig};
 use crate::train::schedule::ScheduleKind;
 
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -127,6 +127,10 @@ pub struct TrainArgs {
     /// cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// Storage of the frozen linear weights: f32 (default), bf16 or f16 (half the memory;
+    /// products, adapters and optimizer state stay f32).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Replace an existing run directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite: Option<bool>,
@@ -207,6 +211,7 @@ impl TrainArgs {
                 max_records,
                 group_by_length,
                 device,
+                dtype,
                 overwrite,
                 resume
             );
@@ -284,6 +289,7 @@ impl TrainArgs {
             max_records: a.max_records,
             group_by_length: a.group_by_length.unwrap_or(true),
             device: a.device.clone().unwrap_or_else(default_device),
+            dtype: a.dtype.clone().unwrap_or_else(default_dtype),
         };
         cfg.validate()?;
         Ok(cfg)

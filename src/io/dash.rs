@@ -22,7 +22,6 @@ use crate::io::peft::{
 };
 use crate::io::{atomic, Weights};
 use crate::models::Model;
-use crate::tsd::svd::weight_hash;
 
 pub const CONFIG_FILE: &str = "dash_config.json";
 pub const WEIGHTS_FILE: &str = "dash_adapter.safetensors";
@@ -90,7 +89,7 @@ pub fn save_native(
                 l.path.clone(),
                 DashLayerInfo {
                     indices: d.indices.clone(),
-                    base_hash: weight_hash(&l.weight)?,
+                    base_hash: l.base_hash()?,
                 },
             );
         }
@@ -138,7 +137,7 @@ pub fn load_native(model: &mut dyn Model, dir: &Path) -> Result<DashAdapterConfi
         let Some(info) = cfg.layers.get(&l.path) else {
             continue;
         };
-        let hash = weight_hash(&l.weight)?;
+        let hash = l.base_hash()?;
         if hash != info.base_hash {
             return Err(Error::format(
                 &cpath,

@@ -213,7 +213,7 @@ pub fn load_native(model: &mut dyn Model, dir: &Path) -> Result<PissaAdapterConf
         let Some(info) = cfg.layers.get(&l.path) else {
             continue;
         };
-        if weight_hash(&l.weight)? != info.base_hash {
+        if l.base_hash()? != info.base_hash {
             return Err(Error::format(
                 &cpath,
                 format!(

@@ -20,6 +20,9 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub adapter: Option<Adapter>,
+    /// Hash of the f32 weight this layer was loaded with, kept when `weight` is stored in
+    /// half precision (see [`Linear::base_hash`]).
+    pub source_hash: Option<String>,
 }
 
 impl Linear {
@@ -29,6 +32,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            source_hash: None,
         }
     }
 
@@ -53,9 +57,8 @@ impl Linear {
                     None => y,
                 }
             }
-            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_) | Adapter::Pissa(_))), _)
-                if cpu_f32(&[&x2, &self.weight]) =>
-            {
+            // The op itself takes its fused kernel or the composed reference.
+            (Some(a @ (Adapter::Lora(_) | Adapter::Dash(_) | Adapter::Pissa(_))), _) => {
                 self.fused_lora_forward(&x2, a, ctx)?
             }
             _ => {
@@ -123,16 +126,35 @@ impl Linear {
 
     /// W + ΔW of the adapter (W alone without one).
     pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.to_dtype(DType::F32)?;
         match &self.adapter {
-            Some(Adapter::Dora(d)) => d.merged_weight(&self.weight),
-            Some(a) => Ok((&self.weight + a.delta_weight()?)?),
-            None => Ok(self.weight.clone()),
+            Some(Adapter::Dora(d)) => d.merged_weight(&w),
+            Some(a) => Ok((&w + a.delta_weight()?)?),
+            None => Ok(w),
         }
+    }
+
+    /// The hash that identifies this layer's base weight in saved adapters: that of the f32
+    /// weight as loaded, also after `--dtype` stored it in half precision.
+    pub fn base_hash(&self) -> Result<String> {
+        match &self.source_hash {
+            Some(h) => Ok(h.clone()),
+            None => crate::tsd::svd::weight_hash(&self.weight),
+        }
+    }
+
+    /// Stores the frozen weight in `dtype` (bf16 / f16: `--dtype`), keeping the f32 weight's
+    /// hash when the layer carries an adapter (whose saved form names its base by it).
+    pub fn store_weight_as(&mut self, dtype: DType) -> Result<()> {
+        if self.weight.dtype() == dtype {
+            return Ok(());
+        }
+        if self.adapter.is_some() && self.source_hash.is_none() {
+            self.source_hash = Some(crate::tsd::svd::weight_hash(&self.weight)?);
+        }
+        self.weight = self.weight.to_dtype(dtype)?;
+        Ok(())
     }
 }
 
-/// True when every tensor is f32 on the CPU (what the fused kernels take).
-fn cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-}
+

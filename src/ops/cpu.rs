@@ -18,6 +18,73 @@ pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
     !super::reference_forced() && matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
+/// True when `w` can be the frozen weight of the fused CPU linear kernels: in host memory, f32
+/// or stored in bf16 / f16 (`--dtype`), which those kernels widen to f32 per call.
+pub(crate) fn is_cpu_weight(w: &Tensor) -> bool {
+    !super::reference_forced()
+        && matches!(w.device(), Device::Cpu)
+        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// A bf16 / f16 frozen weight `(rows, cols)` widened to a dense row-major f32 buffer (exact:
+/// every half value is an f32), for one kernel call; None for an f32 weight, which the
+/// kernels read in place. The buffer lives only as long as the call.
+pub(crate) fn widened_weight(w: &Tensor) -> CResult<Option<Vec<f32>>> {
+    if w.dtype() == DType::F32 {
+        return Ok(None);
+    }
+    let (rows, cols) = w.dims2()?;
+    let w = w.contiguous()?;
+    let (s, l) = w.storage_and_layout();
+    let n = rows * cols;
+    let off = l.start_offset();
+    let out = match &*s {
+        candle_core::Storage::Cpu(CpuStorage::BF16(v)) => {
+            v[off..off + n].par_iter().map(|x| x.to_f32()).collect()
+        }
+        candle_core::Storage::Cpu(CpuStorage::F16(v)) => {
+            v[off..off + n].par_iter().map(|x| x.to_f32()).collect()
+        }
+        _ => {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen weight: expected f32, bf16 or f16 on the CPU, got {:?}",
+                w.dtype()
+            ))
+            .bt())
+        }
+    };
+    Ok(Some(out))
+}
+
+/// The view of a frozen weight: the widened buffer when there is one, else the weight's own
+/// f32 storage through its layout.
+pub(crate) fn weight_view<'a>(
+    widened: &'a Option<Vec<f32>>,
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &'static str,
+) -> CResult<MatView<'a>> {
+    match widened {
+        Some(v) => {
+            let (rows, cols) = (l.dims()[0], l.dims()[1]);
+            Ok(MatView::rows(v, rows, cols))
+        }
+        None => match s {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                let st = l.stride();
+                Ok(MatView {
+                    data: &v[l.start_offset()..],
+                    rows: l.dims()[0],
+                    cols: l.dims()[1],
+                    rs: st[0],
+                    cs: st[1],
+                })
+            }
+            _ => Err(candle_core::Error::Msg(format!("{what}: expected an f32 CPU tensor")).bt()),
+        },
+    }
+}
+
 /// The f32 data of `s` viewed through `l`, row-major. Borrowed when the layout is already
 /// contiguous (the common case), gathered into a fresh buffer otherwise.
 pub(crate) fn f32_data<'a>(

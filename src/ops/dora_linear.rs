@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 /// ‖W + s·B·A‖ per output row (out), detached: `w (out, in)`, `a (r, in)`, `b (out, r)`.
 pub fn dora_weight_norm(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let ba = b.detach().matmul(&a.detach())?; // (out, in)
-    let v = (w.detach() + (ba * scale)?)?;
+    let v = (w.detach().to_dtype(ba.dtype())? + (ba * scale)?)?;
     Ok(v.sqr()?.sum(D::Minus1)?.sqrt()?.detach())
 }
 
@@ -93,7 +93,7 @@ pub mod reference {
         dropout_p: f32,
         seed: u64,
     ) -> Result<Tensor> {
-        let w = w.detach();
+        let w = w.detach().to_dtype(x.dtype())?;
         let xd = crate::ops::reference::seeded_dropout(x, dropout_p, seed)?; // (n, in)
         let lora = (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?; // (n, out)
         let norm = dora_weight_norm(&w, a, b, scale)?; // (out)

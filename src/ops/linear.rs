@@ -4,9 +4,12 @@
 //! buffer per layer per step. Both directions run one matmul (faer) directly on the
 //! weight's own strides, so a transposed or sliced weight is never copied.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::cpu::{f32_data, is_cpu_f32, matmul_into, CResult, MatView};
+use super::cpu::{
+    f32_data, is_cpu_f32, is_cpu_weight, matmul_into, weight_view, widened_weight, CResult,
+    MatView,
+};
 use crate::error::{Error, Result};
 
 /// `x (.., in) · wᵀ` with `w (out, in)`; gradient for `x` only.
@@ -36,7 +39,7 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
             });
         }
     }
-    if !(is_cpu_f32(x) && is_cpu_f32(w) && bias.is_none_or(is_cpu_f32)) {
+    if !(is_cpu_f32(x) && is_cpu_weight(w) && bias.is_none_or(is_cpu_f32)) {
         // Other devices / dtypes: candle's matmul is correct, only less frugal in backward.
         let y = super::reference::frozen_linear(x, &w.detach())?;
         return Ok(match bias {
@@ -94,26 +97,9 @@ fn apply_weight(
     lead: &[usize],
     transpose_w: bool,
 ) -> CResult<(CpuStorage, Shape)> {
+    let widened = widened_weight(w)?;
     let (w_store, w_l) = w.storage_and_layout();
-    let wv: &[f32] = match &*w_store {
-        Storage::Cpu(CpuStorage::F32(v)) => v.as_slice(),
-        _ => {
-            return Err(candle_core::Error::Msg(
-                "frozen_linear: weight must be f32 on the CPU".into(),
-            )
-            .bt())
-        }
-    };
-    let (rows, cols) = (w_l.dims()[0], w_l.dims()[1]);
-    let (s_row, s_col) = (w_l.stride()[0], w_l.stride()[1]);
-    let wv = &wv[w_l.start_offset()..];
-    let w = MatView {
-        data: wv,
-        rows,
-        cols,
-        rs: s_row,
-        cs: s_col,
-    };
+    let w = weight_view(&widened, &w_store, w_l, "frozen_linear weight")?;
     // Forward reads wᵀ (in, out); backward reads w (out, in).
     let rhs = if transpose_w { w.t() } else { w };
     let (k, n) = (rhs.rows, rhs.cols);

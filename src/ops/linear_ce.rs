@@ -16,8 +16,11 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp_f32, i64_data, is_cpu_f32, matmul_into, simd, CResult, MatView};
-use super::lora_linear::{tensor_view, view};
+use super::cpu::{
+    exp_f32, i64_data, is_cpu_f32, is_cpu_weight, matmul_into, simd, weight_view,
+    widened_weight, CResult, MatView,
+};
+use super::lora_linear::view;
 use super::loss::{label_index, log_sum_exp};
 use crate::error::{Error, Result};
 
@@ -52,7 +55,7 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<T
         )));
     }
     let labels = labels.to_dtype(DType::I64)?;
-    if !(is_cpu_f32(h) && is_cpu_f32(w)) {
+    if !(is_cpu_f32(h) && is_cpu_weight(w)) {
         return super::reference::linear_cross_entropy(h, w, &labels);
     }
     let op = LinearCrossEntropy {
@@ -117,8 +120,9 @@ impl CustomOp2 for LinearCrossEntropy {
     ) -> CResult<(CpuStorage, Shape)> {
         let h = view(s1, l1, "linear-cross-entropy h")?;
         let labels = i64_data(s2, l2, "linear-cross-entropy")?;
+        let widened = widened_weight(&self.w)?;
         let (ws, wl) = self.w.storage_and_layout();
-        let w = tensor_view(&ws, wl, "linear-cross-entropy w")?;
+        let w = weight_view(&widened, &ws, wl, "linear-cross-entropy w")?;
         let (n, e, v) = (h.rows, h.cols, w.rows);
         let rows = scored_rows(&labels, v)?;
         // d mean / d logit = (softmax - onehot) / count on scored rows.

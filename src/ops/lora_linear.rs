@@ -25,7 +25,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{is_cpu_f32, matmul_into, CResult, MatView};
+use super::cpu::{
+    is_cpu_f32, is_cpu_weight, matmul_into, weight_view, widened_weight, CResult, MatView,
+};
 use crate::error::{Error, Result};
 use dash::LoraDashLinear;
 pub use mask::dropout_mask;
@@ -117,7 +119,8 @@ pub fn lora_dash_linear_bias(
     let dash = dash.filter(|d| d.s() > 0);
     let dash_on_cpu = dash.is_none_or(|d| [d.u_s, d.v_s, d.c].iter().all(|t| is_cpu_f32(t)));
     let bias_on_cpu = bias.is_none_or(is_cpu_f32);
-    if !([x, w, a, b].iter().all(|t| is_cpu_f32(t)) && dash_on_cpu && bias_on_cpu) {
+    if !([x, a, b].iter().all(|t| is_cpu_f32(t)) && is_cpu_weight(w) && dash_on_cpu && bias_on_cpu)
+    {
         let y = super::reference::lora_dash_linear(x, w, a, b, scale, dropout_p, seed, dash)?;
         return Ok(match bias {
             Some(bias) => y.broadcast_add(&bias.detach())?,
@@ -428,8 +431,9 @@ impl CustomOp3 for LoraLinear {
         let x = view(s1, l1, "lora-linear x")?;
         let a = view(s2, l2, "lora-linear a")?;
         let b = view(s3, l3, "lora-linear b")?;
+        let widened = widened_weight(&self.w)?;
         let (ws, wl) = self.w.storage_and_layout();
-        let w = tensor_view(&ws, wl, "lora-linear w")?;
+        let w = weight_view(&widened, &ws, wl, "lora-linear w")?;
         let y = self.forward(x, w, a, b, None);
         Ok((CpuStorage::F32(y), Shape::from((x.rows, w.rows))))
     }
@@ -451,6 +455,7 @@ impl CustomOp3 for LoraLinear {
         if !(need.x || need.a || need.b) {
             return Ok((None, None, None));
         }
+        let widened = widened_weight(&self.w)?;
         let grads = {
             let (xs, xl) = x.storage_and_layout();
             let (as_, al) = a.storage_and_layout();
@@ -462,7 +467,7 @@ impl CustomOp3 for LoraLinear {
                 a: tensor_view(&as_, al, "lora-linear a")?,
                 b: tensor_view(&bs, bl, "lora-linear b")?,
                 dy: tensor_view(&gs, gl, "lora-linear dy")?,
-                w: tensor_view(&ws, wl, "lora-linear w")?,
+                w: weight_view(&widened, &ws, wl, "lora-linear w")?,
                 dash: None,
             };
             self.backward(&v, need)

@@ -202,8 +202,9 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 pub mod reference {
     use super::*;
 
+    /// A weight stored in another dtype (`--dtype`) is widened to `x`'s for the product.
     pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&w.t()?)?)
+        Ok(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?)
     }
 
     /// `x ⊙ mask` with the seeded mask of [`lora_dropout_mask`]; `x` is (n, in).

@@ -143,10 +143,18 @@ pub struct TrainConfig {
     /// the CPU.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Storage dtype of the frozen linear weights (`device::parse_dtype`); f32 in runs
+    /// written before it existed.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
 }
 
 pub fn default_device() -> String {
     "cpu".into()
+}
+
+pub fn default_dtype() -> String {
+    "f32".into()
 }
 
 /// Most epochs a run may ask for; with any realistic data set the step count stays far
@@ -170,6 +178,18 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
         crate::device::parse(&self.device)?;
+        if crate::device::parse_dtype(&self.dtype)? != candle_core::DType::F32
+            && matches!(self.method, Method::Full | Method::Pissa | Method::Milora)
+        {
+            return Err(bad(
+                "dtype",
+                format!(
+                    "{}: --method {} changes the base weights, which train and are saved in f32",
+                    self.dtype,
+                    self.method.name()
+                ),
+            ));
+        }
         crate::data::Task::parse(self.task.as_deref())?;
         if let Some(p) = self.classifier_dropout {
             if !(0.0..1.0).contains(&p) {

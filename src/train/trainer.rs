@@ -139,6 +139,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         )?,
         _ => inject_lora(model.as_mut(), &cfg.lora, cfg.seed)?,
     };
+    crate::device::store_frozen_as(model.as_mut(), crate::device::parse_dtype(&cfg.dtype)?)?;
     let opts = EncodeOptions {
         cutoff_len: cfg.cutoff_len,
         train_on_inputs: cfg.train_on_inputs,

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 
 use super::{tensor_view, view, DashTerm, DashViews, LoraLinear, Needs, Views};
 use crate::error::Result;
-use crate::ops::cpu::{f32_data, storage_f32, CResult, MatView};
+use crate::ops::cpu::{f32_data, storage_f32, weight_view, widened_weight, CResult, MatView};
 
 pub(super) struct LoraDashLinear {
     lora: LoraLinear,
@@ -76,8 +76,9 @@ impl CustomOp3 for LoraDashLinear {
         let x = view(s1, l1, "lora-dash-linear x")?;
         let ab = f32_data(s2, l2, "lora-dash-linear ab")?;
         let c = f32_data(s3, l3, "lora-dash-linear c")?;
+        let widened = widened_weight(&self.lora.w)?;
         let (ws, wl) = self.lora.w.storage_and_layout();
-        let w = tensor_view(&ws, wl, "lora-dash-linear w")?;
+        let w = weight_view(&widened, &ws, wl, "lora-dash-linear w")?;
         let (us, ul) = self.u.storage_and_layout();
         let (vs, vl) = self.v.storage_and_layout();
         let dash = DashViews {
@@ -108,6 +109,7 @@ impl CustomOp3 for LoraDashLinear {
         if !(need.x || need_ab || need.c) {
             return Ok((None, None, None));
         }
+        let widened = widened_weight(&self.lora.w)?;
         let (grads, r, in_dim, out_dim) = {
             let (xs, xl) = x.storage_and_layout();
             let (abs, abl) = ab.storage_and_layout();
@@ -118,7 +120,7 @@ impl CustomOp3 for LoraDashLinear {
             let (vs, vl) = self.v.storage_and_layout();
             let abd = storage_f32(&abs, abl, "lora-dash-linear ab")?;
             let cd = storage_f32(&cs, cl, "lora-dash-linear c")?;
-            let w = tensor_view(&ws, wl, "lora-dash-linear w")?;
+            let w = weight_view(&widened, &ws, wl, "lora-dash-linear w")?;
             let (a, b) = self.split(&abd, w)?;
             let v = Views {
                 x: tensor_view(&xs, xl, "lora-dash-linear x")?,
