@@ -59,21 +59,6 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
     }
 }
 
-/// Stores the frozen weight of every linear layer of `model` in `dtype` (`--dtype`): the
-/// products widen it to f32 per call (exactly: every bf16 / f16 value is an f32), so
-/// activations, adapters, gradients and optimizer state stay f32. Embeddings (and so a tied
-/// LM head), norms and biases keep f32. Run it after the adapters are attached: a layer with an
-/// adapter keeps its f32 weight's hash, which saved adapters name their base by.
-pub fn store_frozen_as(model: &mut dyn crate::models::Model, dtype: DType) -> Result<()> {
-    if dtype == DType::F32 {
-        return Ok(());
-    }
-    for l in model.linears_mut() {
-        l.store_weight_as(dtype)?;
-    }
-    Ok(())
-}
-
 /// Moves every tensor of `w` to `dev` (a no-op on the host).
 pub fn place(w: &Weights, dev: &Device) -> Result<Weights> {
     if dev.is_cpu() {

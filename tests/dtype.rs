@@ -168,3 +168,32 @@ fn bad_dtype_values_and_methods_are_refused() {
         assert!(!d.path().join("o").exists(), "nothing is written for a refused run");
     }
 }
+
+/// Under `--dtype` the linear matrices are stored in half precision as they are read;
+/// embeddings, norms and biases stay f32, and a stored matrix keeps its f32 hash.
+#[test]
+fn loading_stores_only_linear_matrices_in_half_precision() {
+    use lora_dash::io;
+    let p = golden("tiny-llama");
+    let f32m = io::load_model(p.to_str().unwrap()).unwrap();
+    let half = io::weights::with_linear_dtype(DType::BF16, || io::load_model(p.to_str().unwrap()))
+        .unwrap();
+    let mut n_half = 0;
+    for (name, t) in half.weights.iter() {
+        let orig = f32m.weights.get(name).unwrap();
+        let is_linear = t.rank() == 2 && !name.contains("embed");
+        assert_eq!(t.dtype(), if is_linear { DType::BF16 } else { DType::F32 }, "{name}");
+        if is_linear {
+            n_half += 1;
+            assert_eq!(
+                lora_dash::tsd::svd::base_hash(t).unwrap(),
+                lora_dash::tsd::svd::weight_hash(orig).unwrap(),
+                "{name}"
+            );
+        }
+    }
+    assert!(n_half >= 7, "{n_half} linear matrices");
+    // Outside the scope, loads are f32 again.
+    let again = io::load_model(p.to_str().unwrap()).unwrap();
+    assert!(again.weights.iter().all(|(_, t)| t.dtype() == DType::F32));
+}

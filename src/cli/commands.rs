@@ -55,7 +55,7 @@ pub fn load_with_adapter(
 }
 
 /// [`load_with_adapter`] with the model, its heads and the adapter on `dev`, and the frozen
-/// linear weights stored in `dtype` once the adapter is attached (`device::store_frozen_as`).
+/// linear weights stored in `dtype` (`io::weights::with_linear_dtype`).
 pub fn load_with_adapter_on(
     model: &str,
     adapter: Option<&Path>,
@@ -63,7 +63,7 @@ pub fn load_with_adapter_on(
     dev: &candle_core::Device,
     dtype: candle_core::DType,
 ) -> Result<(io::LoadedModel, Box<dyn Model>)> {
-    let mut loaded = io::load_model(model)?;
+    let mut loaded = io::weights::with_linear_dtype(dtype, || io::load_model(model))?;
     loaded.weights.check_finite()?;
     loaded.weights = crate::device::place(&loaded.weights, dev)?;
     let head = match (head, adapter) {
@@ -75,11 +75,15 @@ pub fn load_with_adapter_on(
     if let Some(dir) = adapter {
         io::dash::load_any(m.as_mut(), dir)?;
     }
-    crate::device::store_frozen_as(m.as_mut(), dtype)?;
     Ok((loaded, m))
 }
 
-pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool, device: &str) -> Result<()> {
+pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    merge_on(model, adapter, out, overwrite, "cpu")
+}
+
+/// [`merge`] with the model and adapter on `device` (`cpu`, `cuda`, `cuda:N`).
+pub fn merge_on(model: &str, adapter: &Path, out: &Path, overwrite: bool, device: &str) -> Result<()> {
     let dev = crate::device::select(device)?;
     let stage = io::outpath::stage_output(
         out,

@@ -104,7 +104,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
             out,
             overwrite,
             device,
-        } => commands::merge(&model, &adapter, &out, overwrite, &device),
+        } => commands::merge_on(&model, &adapter, &out, overwrite, &device),
         Command::Generate {
             model,
             adapter,

@@ -327,7 +327,7 @@ fn reorder_rows(
 pub fn hf_weights(g: &GgufFile, config: &HfConfig) -> Result<Weights> {
     let heads = config.num_attention_heads;
     let kv_heads = config.num_key_value_heads.unwrap_or(heads);
-    let mut w = Weights::new(Some(g.path().to_path_buf()));
+    let mut w = Weights::for_model(Some(g.path().to_path_buf()));
     for info in &g.tensors {
         let Some(name) = hf_tensor_name(&info.name) else {
             // e.g. `rope_freqs.weight` (llama-3 RoPE scaling): dropping it would change

@@ -237,7 +237,7 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     let config = HfConfig::from_json_str(&text, &config_path)?;
     let config_json: Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&config_path, format!("invalid config.json: {e}")))?;
-    let mut weights = Weights::new(Some(dir.to_path_buf()));
+    let mut weights = Weights::for_model(Some(dir.to_path_buf()));
     let single = dir.join("model.safetensors");
     let index = dir.join(INDEX_FILE);
     if single.is_file() {

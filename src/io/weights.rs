@@ -11,6 +11,36 @@ use crate::error::{clip, Error, Result};
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
     origin: Option<PathBuf>,
+    /// Storage dtype of the frozen linear weights of a model being read (`--dtype`).
+    store_linear: Option<DType>,
+}
+
+thread_local! {
+    static LOAD_LINEAR_AS: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a model load) with the model's frozen linear weights stored in `dtype` as they
+/// are read, one tensor at a time, so the f32 set never exists at once: the weights of a
+/// model file read inside `f` (see [`Weights::for_model`]) that are matrices of linear
+/// layers, by name (`*.weight`, rank 2, not an embedding). Each such tensor's f32 hash is
+/// kept (`tsd::svd::base_hash`), so adapters still name the f32 base.
+pub fn with_linear_dtype<T>(dtype: DType, f: impl FnOnce() -> T) -> T {
+    if dtype == DType::F32 {
+        return f();
+    }
+    let before = LOAD_LINEAR_AS.with(|c| c.replace(Some(dtype)));
+    let out = f();
+    LOAD_LINEAR_AS.with(|c| c.set(before));
+    out
+}
+
+/// Whether `name` is a linear layer's weight matrix that `--dtype` stores in half precision.
+fn is_linear_matrix(name: &str, t: &Tensor) -> bool {
+    t.rank() == 2
+        && t.dtype().is_float()
+        && name.ends_with(".weight")
+        && !name.contains("embed")
+        && !name.contains("LayerNorm")
 }
 
 impl Weights {
@@ -18,6 +48,16 @@ impl Weights {
         Weights {
             tensors: BTreeMap::new(),
             origin,
+            store_linear: None,
+        }
+    }
+
+    /// The weights of a model file: like [`Weights::new`], storing linear matrices in the
+    /// dtype of an enclosing [`with_linear_dtype`].
+    pub fn for_model(origin: Option<PathBuf>) -> Self {
+        Weights {
+            store_linear: LOAD_LINEAR_AS.with(|c| c.get()),
+            ..Weights::new(origin)
         }
     }
 
@@ -25,8 +65,21 @@ impl Weights {
         self.origin.as_deref()
     }
 
+    /// Adds `t` as `name`; in a model read under [`with_linear_dtype`], a linear weight
+    /// matrix is stored in that dtype (its f32 hash registered first).
     pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
-        self.tensors.insert(name.into(), t);
+        let name = name.into();
+        let t = match self.store_linear {
+            Some(dt) if t.dtype() != dt && is_linear_matrix(&name, &t) => {
+                match crate::tsd::svd::store_as(&t, dt) {
+                    Ok(h) => h,
+                    // A tensor that cannot be converted stays as read (f32).
+                    Err(_) => t,
+                }
+            }
+            _ => t,
+        };
+        self.tensors.insert(name, t);
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {

@@ -63,8 +63,9 @@ impl TrainableLinear {
     pub fn from_tensors(path: &str, weight: &Tensor, bias: &Tensor) -> Result<Self> {
         Ok(TrainableLinear {
             path: path.to_string(),
-            weight: Var::from_tensor(weight)?,
-            bias: Var::from_tensor(bias)?,
+            // A trained head is f32 whatever dtype the checkpoint's frozen weights are stored in.
+            weight: Var::from_tensor(&weight.to_dtype(candle_core::DType::F32)?)?,
+            bias: Var::from_tensor(&bias.to_dtype(candle_core::DType::F32)?)?,
         })
     }
 

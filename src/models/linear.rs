@@ -20,9 +20,6 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub adapter: Option<Adapter>,
-    /// Hash of the f32 weight this layer was loaded with, kept when `weight` is stored in
-    /// half precision (see [`Linear::base_hash`]).
-    pub source_hash: Option<String>,
 }
 
 impl Linear {
@@ -32,7 +29,6 @@ impl Linear {
             weight,
             bias,
             adapter: None,
-            source_hash: None,
         }
     }
 
@@ -135,25 +131,10 @@ impl Linear {
     }
 
     /// The hash that identifies this layer's base weight in saved adapters: that of the f32
-    /// weight as loaded, also after `--dtype` stored it in half precision.
+    /// weight as read, also when `--dtype` stores it in half precision
+    /// (`tsd::svd::base_hash`).
     pub fn base_hash(&self) -> Result<String> {
-        match &self.source_hash {
-            Some(h) => Ok(h.clone()),
-            None => crate::tsd::svd::weight_hash(&self.weight),
-        }
-    }
-
-    /// Stores the frozen weight in `dtype` (bf16 / f16: `--dtype`), keeping the f32 weight's
-    /// hash when the layer carries an adapter (whose saved form names its base by it).
-    pub fn store_weight_as(&mut self, dtype: DType) -> Result<()> {
-        if self.weight.dtype() == dtype {
-            return Ok(());
-        }
-        if self.adapter.is_some() && self.source_hash.is_none() {
-            self.source_hash = Some(crate::tsd::svd::weight_hash(&self.weight)?);
-        }
-        self.weight = self.weight.to_dtype(dtype)?;
-        Ok(())
+        crate::tsd::svd::base_hash(&self.weight)
     }
 }
 

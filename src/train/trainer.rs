@@ -103,7 +103,7 @@ fn weights_hash(w: &Weights) -> Result<String> {
     let mut h = Sha256::new();
     for (name, t) in w.iter() {
         h.update(name.as_bytes());
-        h.update(crate::tsd::svd::weight_hash(t)?.as_bytes());
+        h.update(crate::tsd::svd::base_hash(t)?.as_bytes());
     }
     Ok(format!("{:x}", h.finalize()))
 }
@@ -112,7 +112,9 @@ fn weights_hash(w: &Weights) -> Result<String> {
 pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
     cfg.validate()?;
     let task = Task::parse(cfg.task.as_deref())?;
-    let loaded = io::load_model(&cfg.model)?;
+    let loaded = io::weights::with_linear_dtype(crate::device::parse_dtype(&cfg.dtype)?, || {
+        io::load_model(&cfg.model)
+    })?;
     let tokenizer = loaded.tokenizer.clone().ok_or_else(|| {
         Error::format(
             &loaded.path,
@@ -139,7 +141,6 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared> {
         )?,
         _ => inject_lora(model.as_mut(), &cfg.lora, cfg.seed)?,
     };
-    crate::device::store_frozen_as(model.as_mut(), crate::device::parse_dtype(&cfg.dtype)?)?;
     let opts = EncodeOptions {
         cutoff_len: cfg.cutoff_len,
         train_on_inputs: cfg.train_on_inputs,

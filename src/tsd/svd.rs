@@ -108,6 +108,36 @@ pub fn weight_hash(w: &Tensor) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// f32 hashes of base weights stored in half precision (`--dtype`), by tensor id.
+fn stored_hashes() -> &'static std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, String>> {
+    static H: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, String>>> =
+        std::sync::OnceLock::new();
+    H.get_or_init(Default::default)
+}
+
+/// `w` converted to `dtype` for storage, with `w`'s own [`weight_hash`] recorded as the
+/// converted tensor's [`base_hash`].
+pub fn store_as(w: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    let hash = weight_hash(w)?;
+    let t = w.to_dtype(dtype)?;
+    stored_hashes()
+        .lock()
+        .expect("hash registry")
+        .insert(t.id(), hash);
+    Ok(t)
+}
+
+/// The hash by which saved adapters name a base weight: [`weight_hash`] of the f32 weight
+/// as read from the model file, also when `--dtype` stores it in half precision (then the
+/// hash recorded by [`store_as`]). The SVD cache keys on [`weight_hash`] of the stored
+/// values instead, since the SVD is of those.
+pub fn base_hash(w: &Tensor) -> Result<String> {
+    if let Some(h) = stored_hashes().lock().expect("hash registry").get(&w.id()) {
+        return Ok(h.clone());
+    }
+    weight_hash(w)
+}
+
 /// The default cache directory: `$LORA_DASH_CACHE/svd`, else `~/.cache/lora-dash/svd`.
 pub fn default_cache_dir() -> Option<PathBuf> {
     if let Ok(d) = std::env::var("LORA_DASH_CACHE") {
