@@ -174,3 +174,28 @@ fn an_unknown_kernels_value_is_refused() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("LORA_DASH_KERNELS") && e.contains("fast"), "{e}");
 }
+
+/// `lora-dash selftest` (what `scripts/gpu-check.sh` runs on a GPU) passes on the CPU with
+/// either path, and fails loudly when a golden file is missing.
+#[test]
+fn selftest_passes_on_both_paths() {
+    for kernels in ["fused", "reference"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_lora-dash"))
+            .args(["selftest", "--golden"])
+            .arg(golden(""))
+            .env("LORA_DASH_KERNELS", kernels)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{kernels}: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains("6 of 6 checks passed"), "{out}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lora-dash"))
+        .args(["selftest", "--golden"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("tiny_logits.safetensors"), "{e}");
+}

@@ -4,6 +4,7 @@
 pub mod analyze_cmd;
 pub mod commands;
 pub mod eval_cmd;
+pub mod selftest;
 pub mod train_args;
 
 use std::path::PathBuf;
@@ -64,6 +65,9 @@ pub enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Task-specific-direction study of an adapter or a fine-tuned model against its base.
     Analyze(analyze_cmd::AnalyzeArgs),
+    /// Logits of the tiny reference models on a device against the golden files of
+    /// transformers (the repository's tests/golden), e.g. to check a CUDA build on a GPU.
+    Selftest(selftest::SelftestArgs),
     /// Greedy generation with a KV cache, for quick checks.
     Generate {
         #[arg(long)]
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> crate::Result<()> {
         Command::Train(args) => commands::train(args),
         Command::Analyze(args) => analyze_cmd::run(&args).map(|_| ()),
         Command::Eval(args) => eval_cmd::eval(args),
+        Command::Selftest(args) => selftest::run(&args),
         Command::Bench { args, skip } => commands::bench(args, skip),
         Command::Convert {
             model,
