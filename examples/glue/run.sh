@@ -25,6 +25,7 @@
 # (settings below), but are not in the default TASKS.
 #
 # Knobs (environment): TASKS ("cola rte sst2 qnli"), SEEDS ("1 2 3"), RANKS ("8 1"),
+# STEPS_<TASK> and LR_<TASK> (the step budget and learning rate of one task),
 # DASH_T (100), DASH_S (8), DATA (../shared/data/glue), BIN (the lora-dash binary; built when
 # unset), MODEL. An interrupted study resumes: finished runs (with NAME.eval/results.json)
 # are kept. Run it with `nice` on a machine that is not also benchmarking.
@@ -72,6 +73,9 @@ fi
 
 for task in $tasks; do
   read -r lr len drop wd steps train dev <<<"$(settings "$task")"
+  # LR_<TASK> overrides the authors' learning rate (e.g. LR_RTE=3e-4).
+  lr_var="LR_${task^^}"
+  lr="${!lr_var:-$lr}"
   warmup=$((steps / 10))
   for r in $ranks; do
     for seed in $seeds; do
