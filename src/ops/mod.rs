@@ -331,8 +331,11 @@ pub mod reference {
         Ok((total / (count.max(1.0) as f64))?)
     }
 
-    /// Materialises the (b, h, t, s) scores. Masked logits get a -1e9 bias; multiplying the
-    /// probabilities by the 0/1 mask afterwards zeroes rows that see no key at all.
+    /// Materialises the (b, h, t, s) scores, and nothing larger: the query heads that share a
+    /// key/value head are stacked along the rows (q (b, h, t, d) as (b, kvh, rep·t, d), a
+    /// free reshape), so K and V are never repeated per query head. Masked logits get a
+    /// -1e9 bias; multiplying the probabilities by the 0/1 mask afterwards zeroes rows that
+    /// see no key at all.
     pub fn causal_attention(
         q: &Tensor,
         k: &Tensor,
@@ -343,25 +346,28 @@ pub mod reference {
         let (b, h, t, d) = q.dims4()?;
         let (_, kvh, s, _) = k.dims4()?;
         let rep = h / kvh;
-        // (b, kvh, s, d) -> (b, kvh, rep, s, d) -> (b, h, s, d)
-        let expand = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.unsqueeze(2)?
-                .broadcast_as((b, kvh, rep, s, d))?
-                .reshape((b, h, s, d))?)
-        };
-        let (k, v) = (expand(k)?, expand(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, h, t, s)
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| if j <= q_offset + i { 1.0 } else { 0.0 }))
-            .collect();
-        let mut allowed = Tensor::from_vec(causal, (1, 1, t, s), q.device())?; // (1, 1, t, s)
+        // Query head kv·rep + r reads key/value head kv (Hugging Face's repeat_kv).
+        let q = q.contiguous()?.reshape((b, kvh, rep * t, d))?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, kvh, rep·t, s)
+        let scores = scores.reshape((b, kvh, rep, t, s))?;
+        // Position i may see key j <= q_offset + i, built on the device: (t, s).
+        let dev = q.device();
+        let rows = Tensor::arange(q_offset as u32, (q_offset + t) as u32, dev)?.reshape((t, 1))?;
+        let cols = Tensor::arange(0u32, s as u32, dev)?.reshape((1, s))?;
+        let mut allowed = cols
+            .broadcast_le(&rows)?
+            .to_dtype(scores.dtype())?
+            .reshape((1, 1, 1, t, s))?;
         if let Some(m) = key_mask {
-            // (b, s) -> (b, 1, 1, s)
-            allowed = allowed.broadcast_mul(&m.to_dtype(DType::F32)?.reshape((b, 1, 1, s))?)?;
+            // (b, s) -> (b, 1, 1, 1, s)
+            let m = m.to_dtype(scores.dtype())?.reshape((b, 1, 1, 1, s))?;
+            allowed = allowed.broadcast_mul(&m)?;
         }
         let bias = ((&allowed - 1.0)? * 1e9)?;
         let p = softmax_last_dim(&scores.broadcast_add(&bias)?)?.broadcast_mul(&allowed)?;
-        Ok(p.matmul(&v)?)
+        let p = p.reshape((b, kvh, rep * t, s))?;
+        Ok(p.matmul(&v)?.reshape((b, h, t, d))?) // (b, kvh, rep·t, d) -> (b, h, t, d)
     }
 
     /// Materialises the (b, h, t, s) scores. Padding keys get a -1e9 bias; multiplying the
