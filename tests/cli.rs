@@ -310,3 +310,40 @@ fn merge_convert_and_generate_work_on_the_tiny_model() {
         "{text}"
     );
 }
+
+/// `--device` (flag and TOML key): `cpu` trains; a malformed value, and `cuda` in a build
+/// without the cuda feature (or on a machine without a GPU), are errors that name the flag,
+/// with nothing written; every subcommand that loads a model takes the flag.
+#[test]
+fn device_flag_and_toml_key() {
+    let d = tempfile::tempdir().unwrap();
+    let data = data();
+    let data = data.to_str().unwrap();
+    let out = d.path().join("cpu");
+    let (ok, err) = train(&["--data", data, "--device", "cpu"], &out);
+    assert!(ok, "{err}");
+    fails_with(&["--data", data, "--device", "tpu"], &d.path().join("tpu"), "expected cpu, cuda or cuda:N");
+    if !cfg!(feature = "cuda") {
+        fails_with(&["--data", data, "--device", "cuda:0"], &d.path().join("cuda"), "`cuda:0` is not available");
+    }
+    let toml = d.path().join("run.toml");
+    std::fs::write(&toml, "device = \"gpu0\"\n").unwrap();
+    fails_with(
+        &["--data", data, "--config", toml.to_str().unwrap()],
+        &d.path().join("toml"),
+        "device",
+    );
+    for args in [
+        vec!["generate", "--prompt", "1 +", "--max-new-tokens", "2"],
+        vec!["eval", "--data", data, "--limit", "1"],
+        vec!["selftest"],
+    ] {
+        let o = bin()
+            .args(&args)
+            .args(["--model", &tiny(), "--device", "cuda:x"][usize::from(args[0] == "selftest") * 2..].iter())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("expected cpu, cuda or cuda:N"), "{args:?}: {e}");
+    }
+}

@@ -58,6 +58,9 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
+    // Flag values first, before any file is read.
+    crate::device::parse(&args.device)?;
+    crate::device::parse_dtype(&args.dtype)?;
     if let Some(task) = args.task.as_deref() {
         return eval_glue(&args, task);
     }
