@@ -37,6 +37,14 @@ pub fn select(spec: &str) -> Result<Device> {
     let Some(ordinal) = parse(spec)? else {
         return Ok(Device::Cpu);
     };
+    #[cfg(feature = "cuda")]
+    // SAFETY: only tries to open the driver library by its usual names; nothing is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::config(
+            "device",
+            format!("`{spec}`: no NVIDIA driver library (libcuda.so) on this machine or in LD_LIBRARY_PATH"),
+        ));
+    }
     Device::new_cuda(ordinal).map_err(|e| {
         Error::config(
             "device",

@@ -25,6 +25,7 @@
 # (settings below), but are not in the default TASKS.
 #
 # Knobs (environment): TASKS ("cola rte sst2 qnli"), SEEDS ("1 2 3"), RANKS ("8 1"),
+# METHODS ("lora dash"; also dashlrN = LoRA-Dash with --dash-lr-scale N, pissa, milora, dora),
 # STEPS_<TASK> and LR_<TASK> (the step budget and learning rate of one task),
 # DASH_T (100), DASH_S (8), DATA (../shared/data/glue), BIN (the lora-dash binary; built when
 # unset), MODEL. An interrupted study resumes: finished runs (with NAME.eval/results.json)
@@ -38,6 +39,7 @@ seeds="${SEEDS:-1 2 3}"
 ranks="${RANKS:-8 1}"
 dash_t="${DASH_T:-100}"
 dash_s="${DASH_S:-8}"
+methods="${METHODS:-lora dash}"
 model="${MODEL:-$(./scripts/fetch-minilm.sh)}"
 if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/lora-dash; fi
 mkdir -p "$out"
@@ -79,11 +81,16 @@ for task in $tasks; do
   warmup=$((steps / 10))
   for r in $ranks; do
     for seed in $seeds; do
-      for method in lora dash; do
+      for method in $methods; do
         name="$task/r$r-$method-seed$seed"
         [ -f "$out/$name.eval/results.json" ] && continue
-        extra=()
-        [ "$method" = dash ] && extra=(--method dash --dash-t "$dash_t" --dash-s "$dash_s")
+        case "$method" in
+          lora) extra=() ;;
+          dash) extra=(--method dash --dash-t "$dash_t" --dash-s "$dash_s") ;;
+          dashlr*) extra=(--method dash --dash-t "$dash_t" --dash-s "$dash_s" --dash-lr-scale "${method#dashlr}") ;;
+          pissa | milora | dora) extra=(--method "$method") ;;
+          *) echo "examples/glue: unknown method $method (lora, dash, dashlrN, pissa, milora, dora)" >&2; exit 1 ;;
+        esac
         mkdir -p "$out/$task"
         start=$(date +%s)
         "$BIN" train --model "$model" --task "$task" --data "$train" --out "$out/$name" --overwrite \

@@ -3,6 +3,8 @@
 
     summarize.py OUT          # markdown table: mean ± std over seeds per task, rank and method
     summarize.py --one RUN    # one run's score, for the progress line
+    summarize.py --dash OUT   # how far each LoRA-Dash run's predictions are from its LoRA twin
+                              # (runs named dash or dashlrN)
 
 Scores are the task's GLUE metric on the dev file (QNLI: the held-out split), in percent:
 CoLA Matthews correlation, STS-B Pearson, accuracy otherwise. Trainable parameters are read
@@ -13,6 +15,7 @@ time is training plus scoring.
 import json
 import re
 import statistics
+import struct
 import sys
 from pathlib import Path
 
@@ -36,7 +39,23 @@ def params(log: Path, method: str, s: int):
     if not m:
         return None
     layers, n = int(m.group(1)), int(m.group(2))
-    return n + (layers * s if method == "dash" else 0)
+    return n + (layers * s if method.startswith("dash") else 0)
+
+
+METHODS = ["lora", "dash", "dashlr", "pissa", "milora", "dora"]
+
+
+def label(method: str):
+    if method.startswith("dashlr"):
+        return f"LoRA-Dash, c lr ×{method[len('dashlr'):]}"
+    return {"lora": "LoRA", "dash": "LoRA-Dash", "pissa": "PiSSA", "milora": "MiLoRA", "dora": "DoRA"}.get(method, method)
+
+
+def method_key(method: str):
+    base = "dashlr" if method.startswith("dashlr") else method
+    rest = method[len("dashlr"):] if base == "dashlr" else ""
+    return (METHODS.index(base) if base in METHODS else len(METHODS),
+            float(rest) if rest.replace(".", "", 1).isdigit() else 0.0, method)
 
 
 def runs(out: Path):
@@ -60,6 +79,64 @@ def runs(out: Path):
         }
 
 
+def dash_coefficients(run: Path):
+    """All `dash_c` values of a LoRA-Dash run's adapter (safetensors, F32), read without numpy."""
+    f = run / "dash_adapter.safetensors"
+    if not f.exists():
+        return []
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    out = []
+    for name, t in header.items():
+        if name == "__metadata__" or not name.endswith("dash_c") or t["dtype"] != "F32":
+            continue
+        a, b = t["data_offsets"]
+        blob = raw[8 + n + a : 8 + n + b]
+        out.extend(struct.unpack(f"<{len(blob) // 4}f", blob))
+    return out
+
+
+def predictions(ev: Path):
+    path = ev / "predictions.jsonl"
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def dash_vs_lora(out: Path):
+    """Per task and rank, over seeds: the share of dev predictions where LoRA-Dash and LoRA
+    (same seed, same batches until the switch) disagree, the largest change of a class score,
+    and the size of the dash coefficients c."""
+    print("| task | rank | method | seeds | predictions that differ from LoRA | max abs score change | median abs c | max abs c |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    groups = {}
+    for ev in sorted(out.glob("*/r*-dash*-seed*.eval")):
+        m = re.fullmatch(r"r(\d+)-(dash\w*)-seed(\d+)\.eval", ev.name)
+        if not m:
+            continue
+        twin = ev.parent / f"r{m.group(1)}-lora-seed{m.group(3)}.eval"
+        a, b = predictions(ev), predictions(twin)
+        if a is None or b is None or len(a) != len(b):
+            continue
+        differ = sum(x["prediction"] != y["prediction"] for x, y in zip(a, b))
+        change = max(
+            (abs(u - v) for x, y in zip(a, b) for u, v in zip(x["scores"], y["scores"])),
+            default=0.0,
+        )
+        c = [abs(v) for v in dash_coefficients(ev.parent / ev.name[: -len(".eval")])]
+        g = groups.setdefault((ORDER.index(ev.parent.name) if ev.parent.name in ORDER else 99,
+                               ev.parent.name, -int(m.group(1)), method_key(m.group(2))), [])
+        g.append((differ, len(a), change, c))
+    for (_, task, neg_rank, mkey), g in sorted(groups.items()):
+        differ = sum(x[0] for x in g)
+        total = sum(x[1] for x in g)
+        cs = [v for x in g for v in x[3]]
+        print(f"| {task} | {-neg_rank} | {label(mkey[2])} | {len(g)} | {differ} of {total} ({100 * differ / total:.2f} %) "
+              f"| {max(x[2] for x in g):.4f} | "
+              f"{statistics.median(cs) if cs else float('nan'):.4f} | {max(cs) if cs else float('nan'):.4f} |")
+
+
 def fmt(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -75,16 +152,19 @@ def main():
         ev = run.parent / (run.name + ".eval")
         print(f"{score(ev, run.parent.name):.2f}")
         return
+    if sys.argv[1] == "--dash":
+        dash_vs_lora(Path(sys.argv[2]))
+        return
     out = Path(sys.argv[1])
     rows = list(runs(out))
     tasks = [t for t in ORDER if any(r["task"] == t for r in rows)]
-    configs = sorted({(r["rank"], r["method"]) for r in rows}, key=lambda c: (-c[0], c[1] != "lora"))
+    configs = sorted({(r["rank"], r["method"]) for r in rows}, key=lambda c: (-c[0], method_key(c[1])))
     head = ["method", "rank", "trainable params"] + tasks + ["average", "wall s / run"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for rank, method in configs:
         sel = [r for r in rows if (r["rank"], r["method"]) == (rank, method)]
-        cells = [{"lora": "LoRA", "dash": "LoRA-Dash"}.get(method, method), str(rank)]
+        cells = [label(method), str(rank)]
         ps = sorted({r["params"] for r in sel if r["params"] is not None})
         cells.append("/".join(str(p) for p in ps) or "–")
         per_seed_avg = {}
