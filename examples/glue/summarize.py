@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Table of a GLUE study written by examples/glue/run.sh (standard library only).
 
-    summarize.py OUT          # markdown table: mean ± std over seeds per task, rank and method
+    summarize.py OUT...       # markdown tables: mean ± std over seeds per task, rank and method
+                              # (several OUT folders merge; a run found twice is an error)
     summarize.py --one RUN    # one run's score, for the progress line
     summarize.py --dash OUT   # how far each LoRA-Dash run's predictions are from its LoRA twin
                               # (runs named dash or dashlrN)
@@ -155,11 +156,18 @@ def main():
     if sys.argv[1] == "--dash":
         dash_vs_lora(Path(sys.argv[2]))
         return
-    out = Path(sys.argv[1])
-    rows = list(runs(out))
+    rows, seen = [], {}
+    for out in map(Path, sys.argv[1:]):
+        for r in runs(out):
+            key = (r["task"], r["rank"], r["method"], r["seed"])
+            if key in seen:
+                sys.exit(f"summarize.py: {r['task']} r{r['rank']}-{r['method']}-seed{r['seed']} "
+                         f"is in both {seen[key]} and {out}")
+            seen[key] = out
+            rows.append(r)
     tasks = [t for t in ORDER if any(r["task"] == t for r in rows)]
     configs = sorted({(r["rank"], r["method"]) for r in rows}, key=lambda c: (-c[0], method_key(c[1])))
-    head = ["method", "rank", "trainable params"] + tasks + ["average", "wall s / run"]
+    head = ["method", "rank", "trainable params"] + tasks + ["average"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     for rank, method in configs:
@@ -176,8 +184,16 @@ def main():
                     per_seed_avg.setdefault(r["seed"], {})[t] = r["score"]
         full = [statistics.mean(v.values()) for v in per_seed_avg.values() if len(v) == len(tasks)]
         cells.append(fmt(full))
-        cells.append(fmt([r["wall"] for r in sel]))
         print("| " + " | ".join(cells) + " |")
+    print()
+    print("Wall seconds per run (training and scoring), mean ± std over seeds:")
+    print()
+    print("| method | rank | " + " | ".join(tasks) + " |")
+    print("|" + " --- |" * (len(tasks) + 2))
+    for rank, method in configs:
+        sel = [r for r in rows if (r["rank"], r["method"]) == (rank, method)]
+        walls = [fmt([r["wall"] for r in sel if r["task"] == t]) for t in tasks]
+        print(f"| {label(method)} | {rank} | " + " | ".join(walls) + " |")
     print()
     print("Scores in percent on the dev files (QNLI: held-out fifth of its dev file); "
           "mean ± sample std over seeds; the average is over tasks within a seed, then over seeds.")
