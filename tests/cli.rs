@@ -322,9 +322,17 @@ fn device_flag_and_toml_key() {
     let out = d.path().join("cpu");
     let (ok, err) = train(&["--data", data, "--device", "cpu"], &out);
     assert!(ok, "{err}");
-    fails_with(&["--data", data, "--device", "tpu"], &d.path().join("tpu"), "expected cpu, cuda or cuda:N");
+    fails_with(
+        &["--data", data, "--device", "tpu"],
+        &d.path().join("tpu"),
+        "expected cpu, cuda or cuda:N",
+    );
     if !cfg!(feature = "cuda") {
-        fails_with(&["--data", data, "--device", "cuda:0"], &d.path().join("cuda"), "`cuda:0` is not available");
+        fails_with(
+            &["--data", data, "--device", "cuda:0"],
+            &d.path().join("cuda"),
+            "`cuda:0` is not available",
+        );
     }
     let toml = d.path().join("run.toml");
     std::fs::write(&toml, "device = \"gpu0\"\n").unwrap();
@@ -340,10 +348,17 @@ fn device_flag_and_toml_key() {
     ] {
         let o = bin()
             .args(&args)
-            .args(["--model", &tiny(), "--device", "cuda:x"][usize::from(args[0] == "selftest") * 2..].iter())
+            .args(
+                ["--model", &tiny(), "--device", "cuda:x"]
+                    [usize::from(args[0] == "selftest") * 2..]
+                    .iter(),
+            )
             .output()
             .unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && e.contains("expected cpu, cuda or cuda:N"), "{args:?}: {e}");
+        assert!(
+            !o.status.success() && e.contains("expected cpu, cuda or cuda:N"),
+            "{args:?}: {e}"
+        );
     }
 }

@@ -44,9 +44,20 @@ fn half_weights_compute_exactly_what_their_f32_widening_computes() {
             let a = Var::from_tensor(&(randn(&[r, i], 6).unwrap() * 0.3).unwrap()).unwrap();
             let b = Var::from_tensor(&(randn(&[o, r], 7).unwrap() * 0.3).unwrap()).unwrap();
             let c = Var::from_tensor(&randn(&[s], 8).unwrap()).unwrap();
-            let dash = DashTerm { u_s: &u, v_s: &v, c: c.as_tensor() };
+            let dash = DashTerm {
+                u_s: &u,
+                v_s: &v,
+                c: c.as_tensor(),
+            };
             let y = ops::lora_dash_linear_bias(
-                x.as_tensor(), w, Some(&bias), a.as_tensor(), b.as_tensor(), 2.0, 0.1, 11,
+                x.as_tensor(),
+                w,
+                Some(&bias),
+                a.as_tensor(),
+                b.as_tensor(),
+                2.0,
+                0.1,
+                11,
                 Some(dash),
             )
             .unwrap();
@@ -54,8 +65,10 @@ fn half_weights_compute_exactly_what_their_f32_widening_computes() {
             let y2 = ops::frozen_linear(&y.tanh().unwrap(), &w.t().unwrap()).unwrap();
             let loss = y2.sqr().unwrap().sum_all().unwrap();
             let g = loss.backward().unwrap();
-            let grads: Vec<Tensor> =
-                [&x, &a, &b, &c].iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect();
+            let grads: Vec<Tensor> = [&x, &a, &b, &c]
+                .iter()
+                .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                .collect();
             (y2, grads)
         };
         let (yh, gh) = run(&half);
@@ -74,7 +87,11 @@ fn half_weights_compute_exactly_what_their_f32_widening_computes() {
         let lw = ops::linear_cross_entropy(h.as_tensor(), &wvide, &labels).unwrap();
         same(&lh, &lw, &format!("{dt:?} loss"));
         let (gh, gw) = (lh.backward().unwrap(), lw.backward().unwrap());
-        same(gh.get(h.as_tensor()).unwrap(), gw.get(h.as_tensor()).unwrap(), "dh");
+        same(
+            gh.get(h.as_tensor()).unwrap(),
+            gw.get(h.as_tensor()).unwrap(),
+            "dh",
+        );
 
         // The composed reference (the device-generic path) widens the same way.
         let x = randn(&[n, i], 12).unwrap();
@@ -102,9 +119,27 @@ fn bf16_runs_train_merge_and_evaluate_on_the_f32_base() {
         let o = bin()
             .args(["train", "--model", model.to_str().unwrap(), "--data"])
             .arg(arithmetic())
-            .args(["--method", "dash", "--dash-t", "3", "--dash-s", "2", "--rank", "4"])
-            .args(["--target-modules", "all-linear", "--batch-size", "2", "--cutoff-len", "48"])
-            .args(["--max-steps", "6", "--max-records", "32", "--lr", "5e-3", "--dtype", dtype])
+            .args([
+                "--method", "dash", "--dash-t", "3", "--dash-s", "2", "--rank", "4",
+            ])
+            .args([
+                "--target-modules",
+                "all-linear",
+                "--batch-size",
+                "2",
+                "--cutoff-len",
+                "48",
+            ])
+            .args([
+                "--max-steps",
+                "6",
+                "--max-records",
+                "32",
+                "--lr",
+                "5e-3",
+                "--dtype",
+                dtype,
+            ])
             .arg("--out")
             .arg(out)
             .output()
@@ -140,10 +175,21 @@ fn bf16_runs_train_merge_and_evaluate_on_the_f32_base() {
         let o = bin()
             .args(["generate", "--model", model.to_str().unwrap(), "--adapter"])
             .arg(&out)
-            .args(["--prompt", "1 + 1 =", "--max-new-tokens", "4", "--dtype", dtype])
+            .args([
+                "--prompt",
+                "1 + 1 =",
+                "--max-new-tokens",
+                "4",
+                "--dtype",
+                dtype,
+            ])
             .output()
             .unwrap();
-        assert!(o.status.success(), "{dtype}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{dtype}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
@@ -159,13 +205,27 @@ fn bad_dtype_values_and_methods_are_refused() {
         let o = bin()
             .args(["train", "--model", model.to_str().unwrap(), "--data"])
             .arg(arithmetic())
-            .args(["--method", method, "--dtype", dtype, "--max-steps", "2", "--out"])
+            .args([
+                "--method",
+                method,
+                "--dtype",
+                dtype,
+                "--max-steps",
+                "2",
+                "--out",
+            ])
             .arg(d.path().join("o"))
             .output()
             .unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && e.contains(needle), "{dtype} {method}: {e}");
-        assert!(!d.path().join("o").exists(), "nothing is written for a refused run");
+        assert!(
+            !o.status.success() && e.contains(needle),
+            "{dtype} {method}: {e}"
+        );
+        assert!(
+            !d.path().join("o").exists(),
+            "nothing is written for a refused run"
+        );
     }
 }
 
@@ -182,7 +242,11 @@ fn loading_stores_only_linear_matrices_in_half_precision() {
     for (name, t) in half.weights.iter() {
         let orig = f32m.weights.get(name).unwrap();
         let is_linear = t.rank() == 2 && !name.contains("embed");
-        assert_eq!(t.dtype(), if is_linear { DType::BF16 } else { DType::F32 }, "{name}");
+        assert_eq!(
+            t.dtype(),
+            if is_linear { DType::BF16 } else { DType::F32 },
+            "{name}"
+        );
         if is_linear {
             n_half += 1;
             assert_eq!(

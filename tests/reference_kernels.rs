@@ -22,7 +22,11 @@ fn arithmetic() -> PathBuf {
 /// Runs `train` with `args` into `out`, with the fused kernels or the reference path.
 fn train(args: &[&str], out: &Path, reference: bool) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora-dash"));
-    cmd.arg("train").args(args).arg("--out").arg(out).arg("--overwrite");
+    cmd.arg("train")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg("--overwrite");
     if reference {
         cmd.env("LORA_DASH_KERNELS", "reference");
     } else {
@@ -60,7 +64,13 @@ fn compare_tensors(fused: &Path, reference: &Path) -> f64 {
     let mut worst = 0f64;
     for (name, ta) in a.iter() {
         let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
-        let vb: Vec<f32> = b.get(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b
+            .get(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let norm = va.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
         let diff = va
             .iter()
@@ -91,7 +101,10 @@ fn check(what: &str, args: &[&str], files: &[&str]) {
     let mut worst_loss = 0f64;
     for ((s, a), (_, b)) in lf.iter().zip(&lr) {
         let rel = (a - b).abs() / a.abs().max(1e-6);
-        assert!(rel <= TOL, "{what}: step {s} loss {a} (fused) vs {b} (reference): {rel:.2e}");
+        assert!(
+            rel <= TOL,
+            "{what}: step {s} loss {a} (fused) vs {b} (reference): {rel:.2e}"
+        );
         worst_loss = worst_loss.max(rel);
     }
     let mut worst = 0f64;
@@ -109,10 +122,32 @@ fn llama_dash_matches_the_fused_path() {
     let model = golden("tiny-llama");
     let data = arithmetic();
     let args = [
-        "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
-        "--method", "dash", "--dash-t", "3", "--dash-s", "2", "--rank", "4",
-        "--target-modules", "all-linear", "--dropout", "0.1", "--batch-size", "2",
-        "--cutoff-len", "48", "--max-steps", "6", "--max-records", "32", "--lr", "5e-3",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--method",
+        "dash",
+        "--dash-t",
+        "3",
+        "--dash-s",
+        "2",
+        "--rank",
+        "4",
+        "--target-modules",
+        "all-linear",
+        "--dropout",
+        "0.1",
+        "--batch-size",
+        "2",
+        "--cutoff-len",
+        "48",
+        "--max-steps",
+        "6",
+        "--max-records",
+        "32",
+        "--lr",
+        "5e-3",
     ];
     check("llama dash", &args, &["dash_adapter.safetensors"]);
 }
@@ -122,10 +157,26 @@ fn llama_dora_matches_the_fused_path() {
     let model = golden("tiny-llama");
     let data = arithmetic();
     let args = [
-        "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
-        "--method", "dora", "--rank", "4", "--target-modules", "q_proj,v_proj,up_proj",
-        "--batch-size", "2", "--cutoff-len", "48", "--max-steps", "4", "--max-records", "16",
-        "--lr", "5e-3",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--method",
+        "dora",
+        "--rank",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj,up_proj",
+        "--batch-size",
+        "2",
+        "--cutoff-len",
+        "48",
+        "--max-steps",
+        "4",
+        "--max-records",
+        "16",
+        "--lr",
+        "5e-3",
     ];
     // Adam turns a last-bit difference in a near-zero gradient coordinate into a step of up
     // to lr, so a single such coordinate can dominate a tensor's difference (seen on this
@@ -141,11 +192,34 @@ fn bert_glue_dash_matches_the_fused_path() {
     let data = common::rte_file(d.path(), 24);
     let model = golden("tiny-bert");
     let args = [
-        "--model", model.to_str().unwrap(), "--task", "rte", "--data", data.to_str().unwrap(),
-        "--method", "dash", "--dash-t", "3", "--dash-s", "2", "--rank", "4",
-        "--target-modules", "query,key,value,dense", "--dropout", "0.1",
-        "--classifier-dropout", "0.1", "--batch-size", "4", "--cutoff-len", "32",
-        "--max-steps", "6", "--lr", "5e-3",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "rte",
+        "--data",
+        data.to_str().unwrap(),
+        "--method",
+        "dash",
+        "--dash-t",
+        "3",
+        "--dash-s",
+        "2",
+        "--rank",
+        "4",
+        "--target-modules",
+        "query,key,value,dense",
+        "--dropout",
+        "0.1",
+        "--classifier-dropout",
+        "0.1",
+        "--batch-size",
+        "4",
+        "--cutoff-len",
+        "32",
+        "--max-steps",
+        "6",
+        "--lr",
+        "5e-3",
     ];
     check("bert dash", &args, &["dash_adapter.safetensors"]);
 }
@@ -156,9 +230,24 @@ fn deberta_glue_lora_matches_the_fused_path() {
     let data = common::rte_file(d.path(), 24);
     let model = golden("tiny-deberta-v3");
     let args = [
-        "--model", model.to_str().unwrap(), "--task", "rte", "--data", data.to_str().unwrap(),
-        "--rank", "4", "--target-modules", "query_proj,key_proj,value_proj,dense",
-        "--batch-size", "4", "--cutoff-len", "32", "--max-steps", "5", "--lr", "5e-3",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "rte",
+        "--data",
+        data.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--target-modules",
+        "query_proj,key_proj,value_proj,dense",
+        "--batch-size",
+        "4",
+        "--cutoff-len",
+        "32",
+        "--max-steps",
+        "5",
+        "--lr",
+        "5e-3",
     ];
     check("deberta lora", &args, &["adapter_model.safetensors"]);
 }
@@ -187,7 +276,11 @@ fn selftest_passes_on_both_paths() {
             .output()
             .unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{kernels}: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{kernels}: {out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(out.contains("6 of 6 checks passed"), "{out}");
     }
     let d = tempfile::tempdir().unwrap();
@@ -197,5 +290,8 @@ fn selftest_passes_on_both_paths() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("tiny_logits.safetensors"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("tiny_logits.safetensors"),
+        "{e}"
+    );
 }

@@ -117,7 +117,10 @@ pub fn run(args: &AnalyzeArgs) -> Result<Analysis> {
     let mut loaded = crate::io::load_model(&args.model)?;
     inputs.push(("--model", loaded.path.clone()));
     loaded.weights.check_finite()?;
-    loaded.weights = crate::device::place(&loaded.weights, &crate::device::select(args.device.as_deref().unwrap_or("cpu"))?)?;
+    loaded.weights = crate::device::place(
+        &loaded.weights,
+        &crate::device::select(args.device.as_deref().unwrap_or("cpu"))?,
+    )?;
     // The base is built with the head the adapter was trained with, so module paths agree
     // (`bert.encoder…` under a sequence head).
     let head = match &source {

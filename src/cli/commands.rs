@@ -51,7 +51,13 @@ pub fn load_with_adapter(
     adapter: Option<&Path>,
     head: Option<HeadSpec>,
 ) -> Result<(io::LoadedModel, Box<dyn Model>)> {
-    load_with_adapter_on(model, adapter, head, &crate::device::host(), candle_core::DType::F32)
+    load_with_adapter_on(
+        model,
+        adapter,
+        head,
+        &crate::device::host(),
+        candle_core::DType::F32,
+    )
 }
 
 /// [`load_with_adapter`] with the model, its heads and the adapter on `dev`, and the frozen
@@ -83,7 +89,13 @@ pub fn merge(model: &str, adapter: &Path, out: &Path, overwrite: bool) -> Result
 }
 
 /// [`merge`] with the model and adapter on `device` (`cpu`, `cuda`, `cuda:N`).
-pub fn merge_on(model: &str, adapter: &Path, out: &Path, overwrite: bool, device: &str) -> Result<()> {
+pub fn merge_on(
+    model: &str,
+    adapter: &Path,
+    out: &Path,
+    overwrite: bool,
+    device: &str,
+) -> Result<()> {
     let dev = crate::device::select(device)?;
     let stage = io::outpath::stage_output(
         out,
@@ -91,7 +103,8 @@ pub fn merge_on(model: &str, adapter: &Path, out: &Path, overwrite: bool, device
         &[("--model", Path::new(model)), ("--adapter", adapter)],
         io::hf::HF_OUTPUT_MARKERS,
     )?;
-    let (loaded, m) = load_with_adapter_on(model, Some(adapter), None, &dev, candle_core::DType::F32)?;
+    let (loaded, m) =
+        load_with_adapter_on(model, Some(adapter), None, &dev, candle_core::DType::F32)?;
     io::outpath::check_output_disjoint(out, &[("--model", &loaded.path)])?;
     let merged = m.base_weights(true)?;
     io::hf::write_hf_into_with_config(&loaded, &m.hf_config(&loaded.config_json)?, &merged, stage)?;

@@ -214,14 +214,13 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
         .transpose()?;
     let head = task.head(None, 0);
     let dev = crate::device::select(&args.device)?;
-    let (loaded, model) =
-        load_with_adapter_on(
-            &args.model,
-            args.adapter.as_deref(),
-            Some(head),
-            &dev,
-            crate::device::parse_dtype(&args.dtype)?,
-        )?;
+    let (loaded, model) = load_with_adapter_on(
+        &args.model,
+        args.adapter.as_deref(),
+        Some(head),
+        &dev,
+        crate::device::parse_dtype(&args.dtype)?,
+    )?;
     let tok = loaded
         .tokenizer
         .as_ref()

@@ -137,7 +137,10 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
     let cls = m
         .as_classifier()
         .ok_or_else(|| Error::msg("selftest: tiny-bert is not a classifier"))?;
-    results.push(("bert logits".into(), rel_diff(&cls.classify(&bt, &ctx)?, g.get("logits")?)?));
+    results.push((
+        "bert logits".into(),
+        rel_diff(&cls.classify(&bt, &ctx)?, g.get("logits")?)?,
+    ));
 
     // DeBERTa-v2/v3 configs (disentangled attention, log buckets, c2p/p2c).
     let g = golden(dir, "deberta_tiny_golden.safetensors")?;
@@ -151,14 +154,21 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
             .as_classifier()
             .ok_or_else(|| Error::msg(format!("selftest: {name} is not a classifier")))?;
         let want = g.get(&format!("{name}.logits"))?;
-        results.push((format!("{name} logits"), rel_diff(&cls.classify(&bt, &ctx)?, want)?));
+        results.push((
+            format!("{name} logits"),
+            rel_diff(&cls.classify(&bt, &ctx)?, want)?,
+        ));
     }
 
     let mut failed = 0;
     for (what, d) in &results {
         let ok = *d <= args.tol;
         failed += usize::from(!ok);
-        println!("{} {what}: max rel diff {d:.2e} (tol {:.0e})", if ok { "ok  " } else { "FAIL" }, args.tol);
+        println!(
+            "{} {what}: max rel diff {d:.2e} (tol {:.0e})",
+            if ok { "ok  " } else { "FAIL" },
+            args.tol
+        );
     }
     println!(
         "selftest on {}: {} of {} checks passed",
@@ -167,7 +177,9 @@ pub fn run(args: &SelftestArgs) -> Result<()> {
         results.len()
     );
     if failed > 0 {
-        return Err(Error::msg(format!("selftest: {failed} check(s) over tolerance")));
+        return Err(Error::msg(format!(
+            "selftest: {failed} check(s) over tolerance"
+        )));
     }
     Ok(())
 }

@@ -137,5 +137,3 @@ impl Linear {
         crate::tsd::svd::base_hash(&self.weight)
     }
 }
-
-

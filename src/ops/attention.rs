@@ -138,7 +138,7 @@ impl CustomOp3 for Attention {
     ) -> CResult<(CpuStorage, Shape)> {
         let g = &self.geo;
         let (t, s, d) = (g.t, g.s, g.d);
-        let mut out = vec![0f32; g.b * g.h * t * d];
+        let mut out = crate::ops::cpu::zeros(g.b * g.h * t * d);
         let mut lse = vec![f32::INFINITY; g.b * g.h * t];
         if !g.is_empty() {
             let q = f32_data(s1, l1, "causal-attention")?;
@@ -154,7 +154,7 @@ impl CustomOp3 for Attention {
                     let kh = MatView::rows(&k[kv * s * d..][..s * d], s, d);
                     let vh = MatView::rows(&v[kv * s * d..][..s * d], s, d);
                     // (t, s) probabilities of this head only.
-                    let mut p = vec![0f32; t * s];
+                    let mut p = crate::ops::cpu::zeros(t * s);
                     matmul_into(&mut p, qh, kh.t(), g.scale, false, false);
                     simd(
                         #[inline(always)]
@@ -248,7 +248,7 @@ impl CustomOp3 for AttentionBwd {
         let g = &self.geo;
         let (t, s, d, rep) = (g.t, g.s, g.d, g.rep());
         let (nq, nk) = (g.b * g.h * t * d, g.b * g.kvh * s * d);
-        let mut packed = vec![0f32; nq + 2 * nk];
+        let mut packed = crate::ops::cpu::zeros(nq + 2 * nk);
         if g.is_empty() {
             return Ok((CpuStorage::F32(packed), Shape::from(nq + 2 * nk)));
         }
@@ -269,8 +269,8 @@ impl CustomOp3 for AttentionBwd {
                 let bi = grp / g.kvh;
                 let kh = MatView::rows(&k[grp * s * d..][..s * d], s, d);
                 let vh = MatView::rows(&v[grp * s * d..][..s * d], s, d);
-                let mut p = vec![0f32; t * s];
-                let mut ds = vec![0f32; t * s];
+                let mut p = crate::ops::cpu::zeros(t * s);
+                let mut ds = crate::ops::cpu::zeros(t * s);
                 for (r, dq) in dq.chunks_mut(t * d).enumerate() {
                     let bh = grp * rep + r;
                     let span = bh * t * d..(bh + 1) * t * d;

@@ -420,6 +420,57 @@ fn split_matmul(
     }
 }
 
+/// Buffers at least this long are zeroed by the rayon pool rather than the calling thread.
+const PAR_ZERO_MIN: usize = 1 << 16;
+
+/// A zero-filled f32 buffer of `n` elements. `vec![0.0; n]` zeroes a reused heap block with
+/// one `memset` on the calling thread (a tenth of an encoder step, with the other cores
+/// idle); large buffers are zeroed by the rayon workers instead, in chunks.
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    use std::mem::{ManuallyDrop, MaybeUninit};
+    if n < PAR_ZERO_MIN || rayon::current_num_threads() < 2 {
+        return vec![0f32; n];
+    }
+    let mut v: Vec<MaybeUninit<f32>> = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` elements need no initialisation; the capacity is `n`.
+    unsafe { v.set_len(n) };
+    v.par_chunks_mut(PAR_ZERO_MIN / 4)
+        .for_each(|c| c.fill(MaybeUninit::new(0.0)));
+    let mut v = ManuallyDrop::new(v);
+    // SAFETY: every element was written above; `MaybeUninit<f32>` has the layout of `f32`,
+    // and the allocation is handed over with its length and capacity unchanged.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// `n` copies of `row`, row-major, written by the rayon workers for large buffers (no
+/// zeroing first). Empty for an empty `row`.
+pub(crate) fn repeat_rows(row: &[f32], n: usize) -> Vec<f32> {
+    use std::mem::{ManuallyDrop, MaybeUninit};
+    let d = row.len();
+    if d == 0 || n == 0 {
+        return Vec::new();
+    }
+    let len = n * d;
+    let mut v: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: as in `zeros`.
+    unsafe { v.set_len(len) };
+    let write = |c: &mut [MaybeUninit<f32>]| {
+        for r in c.chunks_exact_mut(d) {
+            for (o, &x) in r.iter_mut().zip(row) {
+                *o = MaybeUninit::new(x);
+            }
+        }
+    };
+    if len < PAR_ZERO_MIN || rayon::current_num_threads() < 2 {
+        write(&mut v);
+    } else {
+        v.par_chunks_mut(d * rows_per_task(d)).for_each(write);
+    }
+    let mut v = ManuallyDrop::new(v);
+    // SAFETY: every element was written (the chunks are whole rows); see `zeros`.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
 /// Rows at least this long are worth a rayon task each; shorter rows are batched.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
@@ -667,6 +718,74 @@ pub(crate) fn exp_store_sum(x: &[f32], shift: f32, out: &mut [f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_and_repeat_rows_fill_every_element() {
+        for n in [0, 5, PAR_ZERO_MIN - 1, PAR_ZERO_MIN, 3 * PAR_ZERO_MIN + 7] {
+            let z = zeros(n);
+            assert_eq!(z.len(), n);
+            assert!(z.iter().all(|&x| x == 0.0), "zeros({n})");
+        }
+        let row: Vec<f32> = (0..384).map(|i| i as f32 * 0.5 - 3.0).collect();
+        for n in [0, 1, 7, 1000] {
+            let r = repeat_rows(&row, n);
+            assert_eq!(r.len(), n * row.len());
+            for (i, chunk) in r.chunks(row.len()).enumerate() {
+                assert_eq!(chunk, &row[..], "row {i} of {n}");
+            }
+        }
+        assert!(repeat_rows(&[], 9).is_empty());
+    }
+
+    /// candle's strided copy (`contiguous`) of large views runs split over threads in the
+    /// vendored crate: every permutation, a narrowed start and unit dims against an
+    /// index-by-index gather.
+    #[test]
+    fn large_strided_copies_match_an_index_gather() -> candle_core::Result<()> {
+        let dims = [3usize, 70, 5, 64]; // 67,200 elements: above the parallel threshold
+        let n: usize = dims.iter().product();
+        let base: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let t = Tensor::from_vec(base.clone(), &dims[..], &Device::Cpu)?;
+        let perms: [[usize; 4]; 6] = [
+            [0, 2, 1, 3],
+            [0, 1, 3, 2],
+            [3, 2, 1, 0],
+            [1, 0, 2, 3],
+            [2, 0, 3, 1],
+            [0, 3, 1, 2],
+        ];
+        for p in perms {
+            let v = t.permute(p)?;
+            let got = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let vd: Vec<usize> = p.iter().map(|&i| dims[i]).collect();
+            let src_stride = [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1];
+            let vs: Vec<usize> = p.iter().map(|&i| src_stride[i]).collect();
+            let mut want = Vec::with_capacity(n);
+            for a in 0..vd[0] {
+                for b in 0..vd[1] {
+                    for c in 0..vd[2] {
+                        for d in 0..vd[3] {
+                            want.push(base[a * vs[0] + b * vs[1] + c * vs[2] + d * vs[3]]);
+                        }
+                    }
+                }
+            }
+            assert_eq!(got, want, "permutation {p:?}");
+        }
+        // A narrowed (offset) transposed view with a unit dim.
+        let v = t.narrow(1, 3, 60)?.narrow(0, 1, 1)?.transpose(1, 2)?; // (1, 5, 60, 64)
+        let got = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut want = Vec::new();
+        for c in 0..5 {
+            for b in 3..63 {
+                for d in 0..64 {
+                    want.push(base[dims[1] * dims[2] * dims[3] + b * 5 * 64 + c * 64 + d]);
+                }
+            }
+        }
+        assert_eq!(got, want, "narrowed transpose");
+        Ok(())
+    }
 
     #[test]
     fn exp_matches_std_within_a_few_ulp() {

@@ -6,12 +6,11 @@
 //! that backward is one multiply by the kept mask (candle's `mul` would also form a
 //! gradient for the mask).
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{exp_f32, f32_data, is_cpu_f32, simd, CResult};
+use super::lora_linear::MaskSpec;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -54,7 +53,7 @@ impl CustomOp2 for SiluMul {
     ) -> CResult<(CpuStorage, Shape)> {
         let g = f32_data(s1, l1, "silu-mul")?;
         let u = f32_data(s2, l2, "silu-mul")?;
-        let mut out = vec![0f32; g.len()];
+        let mut out = crate::ops::cpu::zeros(g.len());
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
@@ -111,7 +110,7 @@ impl CustomOp3 for SiluMulBwd {
         let u = f32_data(s2, l2, "silu-mul-bwd")?;
         let dy = f32_data(s3, l3, "silu-mul-bwd")?;
         let n = g.len();
-        let mut out = vec![0f32; 2 * n];
+        let mut out = crate::ops::cpu::zeros(2 * n);
         let (dg, du) = out.split_at_mut(n);
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
@@ -139,8 +138,10 @@ impl CustomOp3 for SiluMulBwd {
 }
 
 /// Inverted dropout: each element is kept with probability `1 - p` and scaled by
-/// `1 / (1 - p)`. The mask draws one `rng.next_f32()` per element in row-major order (kept
-/// when the draw is `>= p`), so a restored `Rng` replays it. Identity when `p == 0`.
+/// `1 / (1 - p)`. The mask is the counter-based one of the LoRA dropout
+/// ([`super::lora_dropout_mask`]) over the tensor's rows (its last dimension), keyed by one
+/// `rng.next_u64()`: a restored `Rng` replays it, the rows are drawn in parallel and the
+/// backward regenerates the mask instead of storing it. Identity when `p == 0`.
 pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::msg(format!(
@@ -150,23 +151,25 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    let keep: Vec<bool> = (0..x.elem_count()).map(|_| rng.next_f32() >= p).collect();
-    let scale = 1.0 / (1.0 - p);
+    let seed = rng.next_u64();
+    let cols = x.dims().last().copied().unwrap_or(1).max(1);
+    let rows = x.elem_count() / cols;
     if !is_cpu_f32(x) {
-        let mask: Vec<f32> = keep.iter().map(|&k| if k { scale } else { 0.0 }).collect();
+        let mask = super::lora_dropout_mask(rows, cols, p, seed);
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         return Ok(x.mul(&mask)?);
     }
     Ok(x.apply_op1(Dropout {
-        keep: Arc::new(keep),
-        scale,
+        spec: MaskSpec::new(p, seed),
+        cols,
     })?)
 }
 
-/// Multiplies by the kept mask times `scale`; backward applies the same mask to the gradient.
+/// Multiplies each row (length `cols`) by its mask row; backward applies the same mask to
+/// the gradient.
 struct Dropout {
-    keep: Arc<Vec<bool>>,
-    scale: f32,
+    spec: MaskSpec,
+    cols: usize,
 }
 
 impl CustomOp1 for Dropout {
@@ -176,17 +179,21 @@ impl CustomOp1 for Dropout {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "dropout")?;
-        if x.len() != self.keep.len() {
-            return Err(
-                candle_core::Error::Msg("dropout: mask size does not match input".into()).bt(),
-            );
+        let d = self.cols;
+        if x.len() % d != 0 {
+            return Err(candle_core::Error::Msg(
+                "dropout: input size does not match the mask".into(),
+            )
+            .bt());
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(self.keep.par_chunks(CHUNK)))
-            .for_each(|(o, (x, k))| {
-                for ((o, &x), &k) in o.iter_mut().zip(x).zip(k) {
-                    *o = if k { x * self.scale } else { 0.0 };
+        let mut out = super::cpu::zeros(x.len());
+        let rows = super::cpu::rows_per_task(d);
+        out.par_chunks_mut(d * rows)
+            .zip(x.par_chunks(d * rows))
+            .enumerate()
+            .for_each(|(c, (o, x))| {
+                for (i, (o, x)) in o.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                    self.spec.drop_row(c * rows + i, x, 1, o);
                 }
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -194,8 +201,8 @@ impl CustomOp1 for Dropout {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let same = Dropout {
-            keep: self.keep.clone(),
-            scale: self.scale,
+            spec: self.spec,
+            cols: self.cols,
         };
         Ok(Some(grad.apply_op1_no_bwd(&same)?))
     }
@@ -267,17 +274,8 @@ mod tests {
             "same seed must give the same mask"
         );
 
-        // Mask equals the documented draw order: kept iff next_f32() >= p.
-        let mut rng = Rng::new(9);
-        let expect: Vec<f32> = (0..64 * 50)
-            .map(|_| {
-                if rng.next_f32() >= p {
-                    1.0 / (1.0 - p)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        // Mask equals the documented one: the LoRA dropout mask of one `next_u64()` seed.
+        let expect = super::super::lora_dropout_mask(64, 50, p, Rng::new(9).next_u64());
         let expect = Tensor::from_vec(expect, (64, 50), x.device())?;
         let d = max_abs_diff(&y, &(x.as_tensor() * &expect)?)?;
         println!("dropout vs explicit mask max |diff| = {d:e}");

@@ -298,7 +298,7 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let g = &self.geo;
-        let mut out = vec![0f32; g.b * g.h * g.t * g.d];
+        let mut out = crate::ops::cpu::zeros(g.b * g.h * g.t * g.d);
         let mut lse = vec![f32::INFINITY; g.b * g.h * g.t];
         if !g.is_empty() {
             let run = |q: Heads, k: Heads, v: Heads, bias: Option<&[f32]>| {
@@ -369,7 +369,7 @@ fn forward(
         .zip(lse.par_chunks_mut(t))
         .enumerate()
         .for_each_init(
-            || vec![0f32; t * s],
+            || crate::ops::cpu::zeros(t * s),
             |p, (bh, (o, lse))| {
                 g.scores(p, bh, q, k, bias);
                 simd(

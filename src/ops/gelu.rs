@@ -75,7 +75,7 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "gelu-erf")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::cpu::zeros(x.len());
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
@@ -113,7 +113,7 @@ impl CustomOp2 for GeluErfBwd {
     ) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s1, l1, "gelu-erf-bwd")?;
         let dy = f32_data(s2, l2, "gelu-erf-bwd")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::cpu::zeros(x.len());
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(o, (x, dy))| {

@@ -85,7 +85,7 @@ impl CustomOp3 for LayerNorm {
         let w = f32_data(s2, l2, "layer-norm")?;
         let b = f32_data(s3, l3, "layer-norm")?;
         let e = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::cpu::zeros(x.len());
         map_rows(&mut out, &x, e, |o, x| {
             let r = center(x, o, self.eps);
             for ((o, &w), &b) in o.iter_mut().zip(w.iter()).zip(b.iter()) {
@@ -149,7 +149,7 @@ impl CustomOp3 for LayerNormBwd {
         let dy = f32_data(s3, l3, "layer-norm-bwd")?;
         let e = w.len();
         let n = x.len();
-        let mut out = vec![0f32; n + 2 * e];
+        let mut out = crate::ops::cpu::zeros(n + 2 * e);
         if e == 0 {
             return Ok((CpuStorage::F32(out), Shape::from(n + 2 * e)));
         }
@@ -164,8 +164,8 @@ impl CustomOp3 for LayerNormBwd {
             .fold(
                 || vec![0f64; acc_len],
                 |mut acc, (dx, (x, dy))| {
-                    let mut xhat = vec![0f32; e];
-                    let mut g = vec![0f32; e];
+                    let mut xhat = crate::ops::cpu::zeros(e);
+                    let mut g = crate::ops::cpu::zeros(e);
                     simd(
                         #[inline(always)]
                         || {

@@ -7,8 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::cpu::{
-    f32_data, is_cpu_f32, is_cpu_weight, matmul_into, weight_view, widened_weight, CResult,
-    MatView,
+    f32_data, is_cpu_f32, is_cpu_weight, matmul_into, weight_view, widened_weight, CResult, MatView,
 };
 use crate::error::{Error, Result};
 
@@ -55,16 +54,7 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
 
 /// `n` copies of `bias` (out), row-major: the starting value of a biased product.
 pub(super) fn bias_rows(bias: &[f32], n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; n * bias.len()];
-    if !bias.is_empty() {
-        out.par_chunks_mut(bias.len() * super::cpu::rows_per_task(bias.len()))
-            .for_each(|rows| {
-                rows.chunks_exact_mut(bias.len())
-                    .for_each(|r| r.copy_from_slice(bias))
-            });
-    }
-    out
+    super::cpu::repeat_rows(bias, n)
 }
 
 /// The values of a frozen bias, kept by the ops that start their output from it.
@@ -109,7 +99,7 @@ fn apply_weight(
         .unwrap_or_else(|| lead.iter().product());
     let mut out = match bias {
         Some(b) => bias_rows(b, m),
-        None => vec![0f32; m * n],
+        None => crate::ops::cpu::zeros(m * n),
     };
     matmul_into(
         &mut out,

@@ -17,8 +17,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{
-    exp_f32, i64_data, is_cpu_f32, is_cpu_weight, matmul_into, simd, weight_view,
-    widened_weight, CResult, MatView,
+    exp_f32, i64_data, is_cpu_f32, is_cpu_weight, matmul_into, simd, weight_view, widened_weight,
+    CResult, MatView,
 };
 use super::lora_linear::view;
 use super::loss::{label_index, log_sum_exp};
@@ -131,7 +131,7 @@ impl CustomOp2 for LinearCrossEntropy {
         } else {
             1.0 / rows.len() as f32
         };
-        let mut dh = self.with_grad.then(|| vec![0f32; n * e]);
+        let mut dh = self.with_grad.then(|| crate::ops::cpu::zeros(n * e));
         let mut total = 0f64;
         let (mut hbuf, mut logits, mut dchunk) = (Vec::new(), Vec::new(), Vec::new());
         for chunk in rows.chunks(CHUNK_ROWS) {

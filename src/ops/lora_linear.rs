@@ -31,7 +31,7 @@ use super::cpu::{
 use crate::error::{Error, Result};
 use dash::LoraDashLinear;
 pub use mask::dropout_mask;
-use mask::MaskSpec;
+pub(crate) use mask::MaskSpec;
 
 /// Rows per rayon task in the chunked (dropout) passes: a dropped-out chunk is at most
 /// `CHUNK_ROWS · in` floats, which stays in L2 for the usual hidden sizes.
@@ -279,7 +279,7 @@ fn dropped_block<'a>(
 fn project(x: MatView, a: MatView, v: Option<MatView>, mask: &MaskSpec) -> Vec<f32> {
     let (r, s) = (a.rows, v.map_or(0, |v| v.cols));
     let k = r + s;
-    let mut out = vec![0f32; x.rows * k];
+    let mut out = crate::ops::cpu::zeros(x.rows * k);
     if k == 0 {
         return out;
     }
@@ -309,7 +309,10 @@ fn project(x: MatView, a: MatView, v: Option<MatView>, mask: &MaskSpec) -> Vec<f
             let Some(v) = v else {
                 return matmul_into(out, d, a.t(), 1.0, false, false);
             };
-            let (mut xa, mut xv) = (vec![0f32; len * r], vec![0f32; len * s]);
+            let (mut xa, mut xv) = (
+                crate::ops::cpu::zeros(len * r),
+                crate::ops::cpu::zeros(len * s),
+            );
             matmul_into(&mut xa, d, a.t(), 1.0, false, false);
             matmul_into(&mut xv, row_block(x, r0, len), v, 1.0, false, false);
             for (i, row) in out.chunks_exact_mut(k).enumerate() {
@@ -325,7 +328,7 @@ fn project(x: MatView, a: MatView, v: Option<MatView>, mask: &MaskSpec) -> Vec<f
 fn concat_cols(p: MatView, p_scale: f32, q: MatView, q_scale: Option<&[f32]>) -> Vec<f32> {
     let (m, k1, k2) = (p.rows, p.cols, q.cols);
     let k = k1 + k2;
-    let mut out = vec![0f32; m * k];
+    let mut out = crate::ops::cpu::zeros(m * k);
     for (i, row) in out.chunks_exact_mut(k.max(1)).take(m).enumerate() {
         for (j, o) in row[..k1].iter_mut().enumerate() {
             *o = p_scale * p.data[i * p.rs + j * p.cs];
@@ -362,7 +365,7 @@ impl LoraLinear {
         let (n, out_dim, r) = (x.rows, w.rows, a.rows);
         let mut y = match &self.bias {
             Some(bias) => super::linear::bias_rows(bias, n),
-            None => vec![0f32; n * out_dim],
+            None => crate::ops::cpu::zeros(n * out_dim),
         };
         matmul_into(&mut y, x, w.t(), 1.0, self.bias.is_some(), true);
         let Some(d) = dash else {

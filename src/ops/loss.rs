@@ -180,7 +180,7 @@ impl CustomOp2 for CrossEntropyBwd {
         let x = f32_data(s1, l1, "cross-entropy-bwd")?;
         let labels = i64_data(s2, l2, "cross-entropy-bwd")?;
         let v = l1.dims()[1];
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::cpu::zeros(x.len());
         if v == 0 || self.scale == 0.0 {
             return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }

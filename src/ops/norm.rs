@@ -53,7 +53,7 @@ impl CustomOp2 for RmsNorm {
         let x = f32_data(s1, l1, "rms-norm")?;
         let w = f32_data(s2, l2, "rms-norm")?;
         let d = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::cpu::zeros(x.len());
         map_rows(&mut out, &x, d, |o, x| {
             let r = inv_rms(x, self.eps);
             for ((o, &x), &w) in o.iter_mut().zip(x).zip(w.iter()) {
@@ -112,7 +112,7 @@ impl CustomOp3 for RmsNormBwd {
         let dy = f32_data(s3, l3, "rms-norm-bwd")?;
         let d = w.len();
         let n = x.len();
-        let mut out = vec![0f32; n + if self.need_w { d } else { 0 }];
+        let mut out = crate::ops::cpu::zeros(n + if self.need_w { d } else { 0 });
         if d == 0 {
             let len = out.len();
             return Ok((CpuStorage::F32(out), Shape::from(len)));

@@ -73,7 +73,7 @@ impl CustomOp3 for Rope {
         } else {
             (dense(f32_storage(s1, "rope")?, l1), 0, h * t * d, t * d, d)
         };
-        let mut out = vec![0f32; b * h * t * d];
+        let mut out = crate::ops::cpu::zeros(b * h * t * d);
         if out.is_empty() {
             return Ok((CpuStorage::F32(out), l1.shape().clone()));
         }

@@ -40,7 +40,7 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_data(s, l, "softmax-last-dim")?;
         let d = l.dims().last().copied().unwrap_or(1);
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::ops::cpu::zeros(x.len());
         map_rows(&mut out, &x, d, |o, x| softmax_row(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -68,7 +68,7 @@ impl CustomOp2 for SoftmaxBwd {
         let y = f32_data(s1, l1, "softmax-last-dim-bwd")?;
         let dy = f32_data(s2, l2, "softmax-last-dim-bwd")?;
         let d = l1.dims().last().copied().unwrap_or(1);
-        let mut out = vec![0f32; y.len()];
+        let mut out = crate::ops::cpu::zeros(y.len());
         map_rows2(&mut out, &y, &dy, d, |o, y, dy| {
             let dot = dot_f32(y, dy) as f32;
             for i in 0..d {

@@ -343,7 +343,12 @@ impl AdamW {
 pub fn grad_norm(grads: &GradStore, params: &[(String, Var)]) -> Result<f64> {
     let mut sq = 0f64;
     for (name, var) in params {
-        sq += grad_sq(grads, name, var, on_device(var, crate::ops::reference_forced()))?;
+        sq += grad_sq(
+            grads,
+            name,
+            var,
+            on_device(var, crate::ops::reference_forced()),
+        )?;
     }
     Ok(sq.sqrt())
 }
@@ -451,7 +456,11 @@ fn grad_of(grads: &GradStore, name: &str, var: &Var, device: bool) -> Result<Gra
 fn grad_sq(grads: &GradStore, name: &str, var: &Var, device: bool) -> Result<f64> {
     let g = checked_grad(grads, name, var)?;
     if device {
-        return Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?);
+        return Ok(g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?);
     }
     let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())

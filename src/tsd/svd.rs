@@ -109,9 +109,11 @@ pub fn weight_hash(w: &Tensor) -> Result<String> {
 }
 
 /// f32 hashes of base weights stored in half precision (`--dtype`), by tensor id.
-fn stored_hashes() -> &'static std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, String>> {
-    static H: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, String>>> =
-        std::sync::OnceLock::new();
+fn stored_hashes(
+) -> &'static std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, String>> {
+    static H: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, String>>,
+    > = std::sync::OnceLock::new();
     H.get_or_init(Default::default)
 }
 

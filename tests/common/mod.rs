@@ -136,16 +136,28 @@ pub fn max_rel_diff(label: &str, got: &Tensor, want: &Tensor, keep: Option<&Tens
 /// An RTE-layout TSV of `n` rows built from a few sentence templates, written as
 /// `dir/rte.tsv`.
 pub fn rte_file(dir: &std::path::Path, n: usize) -> PathBuf {
-    let subjects = ["the company", "a senator", "the river", "my neighbour", "the new law"];
+    let subjects = [
+        "the company",
+        "a senator",
+        "the river",
+        "my neighbour",
+        "the new law",
+    ];
     let verbs = ["announced", "opposed", "crossed", "painted", "changed"];
     let mut s = String::from("index\tsentence1\tsentence2\tlabel\n");
     for i in 0..n {
         let (subj, verb) = (subjects[i % 5], verbs[(i / 5) % 5]);
-        let a = format!("In {}, {subj} {verb} the plan after a long debate.", 1990 + i);
+        let a = format!(
+            "In {}, {subj} {verb} the plan after a long debate.",
+            1990 + i
+        );
         let (b, label) = if i % 2 == 0 {
             (format!("{subj} {verb} the plan."), "entailment")
         } else {
-            (format!("{} never existed.", subjects[(i + 2) % 5]), "not_entailment")
+            (
+                format!("{} never existed.", subjects[(i + 2) % 5]),
+                "not_entailment",
+            )
         };
         s.push_str(&format!("{i}\t{a}\t{b}\t{label}\n"));
     }

@@ -181,7 +181,7 @@ impl CustomOp2 for Disentangled {
     ) -> CResult<(CpuStorage, Shape)> {
         let g = &self.geo;
         let (t, d, r) = (g.t, g.d, g.r);
-        let mut out = vec![0f32; g.b * g.h * t * d];
+        let mut out = crate::ops::cpu::zeros(g.b * g.h * t * d);
         let mut lse = vec![f32::INFINITY; g.b * g.h * t];
         if !g.is_empty() {
             let qkv = f32_data(s1, l1, "disentangled-attention")?;
@@ -190,7 +190,7 @@ impl CustomOp2 for Disentangled {
                 .zip(lse.par_chunks_mut(t))
                 .enumerate()
                 .for_each_init(
-                    || (vec![0f32; t * t], vec![0f32; t * r]),
+                    || (crate::ops::cpu::zeros(t * t), crate::ops::cpu::zeros(t * r)),
                     |(p, c), (bh, (o, lse))| {
                         let x = g.head(&qkv, &pos, bh);
                         g.scores(p, c, bh, &x);

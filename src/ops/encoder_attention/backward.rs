@@ -49,7 +49,7 @@ impl CustomOp3 for AttentionBwd {
             _ => 0,
         };
         let len = g.b * g.h * (g.t + 2 * g.s) * g.d + nbias;
-        let mut packed = vec![0f32; len];
+        let mut packed = crate::ops::cpu::zeros(len);
         if g.is_empty() {
             return Ok((CpuStorage::F32(packed), Shape::from(len)));
         }
@@ -134,7 +134,7 @@ fn backward(g: &Geometry, f: &Saved, packed: &mut [f32], need_bias: bool) {
         .enumerate()
         .map(|(bh, ((dq, dk), dv))| (bh, dq, dk, dv))
         .collect();
-    let bufs = || (vec![0f32; t * s], vec![0f32; t * s]);
+    let bufs = || (crate::ops::cpu::zeros(t * s), crate::ops::cpu::zeros(t * s));
     let (nb, nh) = match g.bias_heads {
         Some(x) if need_bias => x,
         _ => {

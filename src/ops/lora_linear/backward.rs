@@ -18,7 +18,7 @@ impl LoraLinear {
         let k = r + s;
         // gh = dy · [s·B | U_s] (n, r+s): g = s·dy·B reaches drop(x)·Aᵀ, h = dy·U_s
         // reaches x·V_s·diag(c).
-        let mut gh = vec![0f32; n * k];
+        let mut gh = crate::ops::cpu::zeros(n * k);
         if need.x || need.a || need_c {
             match dash {
                 None => matmul_into(&mut gh, v.dy, v.b, self.scale, false, true),
@@ -30,7 +30,7 @@ impl LoraLinear {
             }
         }
         let mut dx = need.x.then(|| {
-            let mut dx = vec![0f32; n * in_dim];
+            let mut dx = crate::ops::cpu::zeros(n * in_dim);
             matmul_into(&mut dx, v.dy, v.w, 1.0, false, true); // dy · W
             dx
         });
@@ -40,7 +40,7 @@ impl LoraLinear {
         } else {
             None
         };
-        let mut xa = (need.b && thin.is_none()).then(|| vec![0f32; n * r]);
+        let mut xa = (need.b && thin.is_none()).then(|| crate::ops::cpu::zeros(n * r));
         let thin_c = need_c && thin.is_some();
 
         // One pass over row chunks regenerates each chunk of drop(x) once for dA and
@@ -74,15 +74,15 @@ impl LoraLinear {
                         matmul_into(xa_c, d, v.a.t(), 1.0, false, false);
                     }
                     if need.a {
-                        da = vec![0f32; r * in_dim];
+                        da = crate::ops::cpu::zeros(r * in_dim);
                         matmul_into(&mut da, g_c.t(), d, 1.0, false, false);
                     }
                 }
                 let mut dc = Vec::new();
                 if let (Some(d), true, false) = (dash, need_c, thin_c) {
-                    let mut xv = vec![0f32; len * s];
+                    let mut xv = crate::ops::cpu::zeros(len * s);
                     matmul_into(&mut xv, row_block(v.x, r0, len), d.v, 1.0, false, false);
-                    dc = vec![0f32; s];
+                    dc = crate::ops::cpu::zeros(s);
                     for (i, xv_i) in xv.chunks_exact(s).enumerate() {
                         let h_i = &h_c.data[i * k..i * k + s];
                         dc.iter_mut()
@@ -92,7 +92,7 @@ impl LoraLinear {
                 }
                 if let Some(dx_c) = dx_c {
                     if mask.active() {
-                        let mut t = vec![0f32; len * in_dim];
+                        let mut t = crate::ops::cpu::zeros(len * in_dim);
                         matmul_into(&mut t, g_c, v.a, 1.0, false, false); // g·A
                         for i in 0..len {
                             let rows = i * in_dim..(i + 1) * in_dim;
@@ -102,7 +102,7 @@ impl LoraLinear {
                         matmul_into(dx_c, g_c, v.a, 1.0, true, false);
                     }
                     if let Some(d) = dash {
-                        let mut hc = vec![0f32; len * s]; // (len, s) = h·diag(c)
+                        let mut hc = crate::ops::cpu::zeros(len * s); // (len, s) = h·diag(c)
                         for (i, row) in hc.chunks_exact_mut(s).enumerate() {
                             let h_i = &h_c.data[i * k..i * k + s];
                             for ((o, &h), &c) in row.iter_mut().zip(h_i).zip(d.c) {
@@ -116,7 +116,7 @@ impl LoraLinear {
             })
             .collect();
         let a = need.a.then(|| {
-            let mut da = vec![0f32; r * in_dim];
+            let mut da = crate::ops::cpu::zeros(r * in_dim);
             for (p, _) in partials.iter().filter(|p| !p.0.is_empty()) {
                 da.iter_mut().zip(p).for_each(|(d, &p)| *d += p);
             }
@@ -148,7 +148,7 @@ impl LoraLinear {
             (None, None) => None,
         };
         let b = xa.filter(|_| need.b).map(|xa| {
-            let mut db = vec![0f32; v.b.rows * r];
+            let mut db = crate::ops::cpu::zeros(v.b.rows * r);
             matmul_into(&mut db, v.dy.t(), xa, self.scale, false, true);
             db
         });

@@ -143,8 +143,14 @@ impl CustomOp3 for LoraDashLinear {
             .transpose()?;
         let dab = need_ab
             .then(|| {
-                let mut packed = grads.a.unwrap_or_else(|| vec![0f32; r * in_dim]);
-                packed.extend(grads.b.unwrap_or_else(|| vec![0f32; out_dim * r]));
+                let mut packed = grads
+                    .a
+                    .unwrap_or_else(|| crate::ops::cpu::zeros(r * in_dim));
+                packed.extend(
+                    grads
+                        .b
+                        .unwrap_or_else(|| crate::ops::cpu::zeros(out_dim * r)),
+                );
                 Tensor::from_vec(packed, ab.shape(), &dev)
             })
             .transpose()?;

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 /// more, so its cost matters). Any element can be drawn in any order, so rows are generated
 /// in parallel and again in the backward.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct MaskSpec {
+pub(crate) struct MaskSpec {
     seed: u64,
     /// Kept iff the 24-bit draw is `>= threshold`; 0 means no dropout.
     threshold: u32,
@@ -19,7 +19,7 @@ pub(super) struct MaskSpec {
 }
 
 impl MaskSpec {
-    pub(super) fn new(p: f32, seed: u64) -> Self {
+    pub(crate) fn new(p: f32, seed: u64) -> Self {
         // draw · 2⁻²⁴ ≥ p  ⟺  draw ≥ ⌈p · 2²⁴⌉ (both sides exact in f64).
         let threshold = (p as f64 * (1u64 << 24) as f64).ceil() as u32;
         MaskSpec {
@@ -29,7 +29,7 @@ impl MaskSpec {
         }
     }
 
-    pub(super) fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         self.threshold > 0
     }
 
@@ -53,7 +53,7 @@ impl MaskSpec {
     }
 
     /// `out[j] = src[j · stride] · mask(row, j)`.
-    pub(super) fn drop_row(&self, row: usize, src: &[f32], stride: usize, out: &mut [f32]) {
+    pub(crate) fn drop_row(&self, row: usize, src: &[f32], stride: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the feature the function is compiled for was detected at run time.
@@ -138,7 +138,7 @@ pub fn dropout_mask(rows: usize, cols: usize, p: f32, seed: u64) -> Vec<f32> {
         return vec![1.0; rows * cols];
     }
     let ones = vec![1.0f32; cols];
-    let mut out = vec![0f32; rows * cols];
+    let mut out = crate::ops::cpu::zeros(rows * cols);
     if cols > 0 {
         out.par_chunks_mut(cols)
             .enumerate()

@@ -115,7 +115,12 @@ const TORCH_NORMS: [f64; 3] = [2.431049108505249, 4.41588020324707, 2.8057975769
 
 #[test]
 fn three_steps_match_reference_and_torch() {
-    for (clip, device) in [(None, false), (Some(1.0), false), (None, true), (Some(1.0), true)] {
+    for (clip, device) in [
+        (None, false),
+        (Some(1.0), false),
+        (None, true),
+        (Some(1.0), true),
+    ] {
         println!("state as device tensors: {device}");
         let params = vars();
         let mut opt = AdamW::new(vec![], CFG).unwrap();
@@ -341,10 +346,15 @@ fn device_state_matches_the_host_loop_bit_for_bit() {
                 if let Some(other) = resume_as {
                     let path = dir.path().join(format!("s{device}{other}.safetensors"));
                     let st = opt.state_tensors().unwrap();
-                    crate::io::weights::save_tensors(st.iter().map(|(n, t)| (n.as_str(), t)), &path, None)
-                        .unwrap();
+                    crate::io::weights::save_tensors(
+                        st.iter().map(|(n, t)| (n.as_str(), t)),
+                        &path,
+                        None,
+                    )
+                    .unwrap();
                     opt = mk(other, &params);
-                    opt.load_state(&Weights::load_safetensors(&path).unwrap()).unwrap();
+                    opt.load_state(&Weights::load_safetensors(&path).unwrap())
+                        .unwrap();
                 }
             }
         }

@@ -325,6 +325,21 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        if self.threads.is_empty() {
+            // No pool workers (`CANDLE_NUM_THREADS=1`): spread the items over rayon's
+            // threads instead of running them all on the calling thread.
+            let threads = rayon::current_num_threads();
+            if threads > 1 && n_items > 1 {
+                use rayon::prelude::*;
+                let chunk = n_items.div_ceil(threads * 4).max(1);
+                (0..n_items.div_ceil(chunk))
+                    .into_par_iter()
+                    .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+            } else {
+                f(0..n_items);
+            }
+            return;
+        }
         let n_threads = self.threads.len() + 1;
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);

@@ -48,7 +48,7 @@ impl CustomOp3 for DisentangledBwd {
         let npos = g.c2p as usize + g.p2c as usize;
         let (n, td, rd) = (b * h, t * d, r * d);
         let len = 3 * n * td + npos * h * rd;
-        let mut packed = vec![0f32; len];
+        let mut packed = crate::ops::cpu::zeros(len);
         if g.is_empty() {
             return Ok((CpuStorage::F32(packed), Shape::from(len)));
         }
@@ -73,7 +73,7 @@ impl CustomOp3 for DisentangledBwd {
             tasks[hi * groups + bi / per_group].push((bh, dq, dk, dv));
         }
         // Per task: (npos, r, d) partial position gradients.
-        let mut partial = vec![0f32; h * groups * npos * rd];
+        let mut partial = crate::ops::cpu::zeros(h * groups * npos * rd);
         partial
             .par_chunks_mut(npos * rd)
             .zip(tasks.into_par_iter())
@@ -107,9 +107,9 @@ struct Scratch {
 impl Scratch {
     fn new(t: usize, r: usize) -> Self {
         Scratch {
-            p: vec![0f32; t * t],
-            ds: vec![0f32; t * t],
-            c: vec![0f32; t * r],
+            p: crate::ops::cpu::zeros(t * t),
+            ds: crate::ops::cpu::zeros(t * t),
+            c: crate::ops::cpu::zeros(t * r),
         }
     }
 }

@@ -972,7 +972,63 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// Strided copies at least this many elements long are split over rayon's threads.
+const PAR_COPY_MIN: usize = 1 << 16;
+
+/// The strided gather of `copy_strided_src_` split over rayon's threads: each task copies
+/// whole contiguous blocks, locating each block's start from its index.
+fn par_copy_strided_src<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
+    let (dims, strides) = (src_l.dims(), src_l.stride());
+    // The trailing dims that form one contiguous block, as `Layout::strided_blocks` finds them.
+    let mut block = 1usize;
+    let mut inner = 0usize;
+    for (&stride, &dim) in strides.iter().zip(dims).rev() {
+        if dim != 1 {
+            if stride != block {
+                break;
+            }
+            block *= dim;
+        }
+        inner += 1;
+    }
+    let outer = dims.len() - inner;
+    let (odims, ostrides) = (&dims[..outer], &strides[..outer]);
+    let n_blocks: usize = odims.iter().product();
+    let start = src_l.start_offset();
+    let per_task = (16384 / block).max(1);
+    dst[dst_offset..dst_offset + n_blocks * block]
+        .par_chunks_mut(per_task * block)
+        .enumerate()
+        .for_each(|(task, out)| {
+            for (j, o) in out.chunks_mut(block).enumerate() {
+                let mut i = task * per_task + j;
+                let mut off = start;
+                for (&d, &s) in odims.iter().zip(ostrides).rev() {
+                    off += (i % d) * s;
+                    i /= d;
+                }
+                o.copy_from_slice(&src[off..off + block]);
+            }
+        });
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
+    if src_l.shape().elem_count() >= PAR_COPY_MIN
+        && !src_l.is_contiguous()
+        && rayon::current_num_threads() > 1
+    {
+        return par_copy_strided_src(src, dst, dst_offset, src_l);
+    }
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
