@@ -108,49 +108,7 @@ fn encoder(path: &str, task: &str, data: &str) -> lora_dash::Result<()> {
 /// With `LORA_DASH_PROFILE_GEMM=1`: per GEMM call site, per step, the FLOPs, wall and
 /// core seconds and GFLOP/s per busy core (iterations after the first).
 fn print_gemm_profile(steps: f64) {
-    let sites = lora_dash::ops::gemm_profile::take();
-    if sites.is_empty() {
-        return;
-    }
-    println!(
-        "{:<44} {:>7} {:>9} {:>8} {:>8} {:>10} {:>18}",
-        "GEMM call site (per step)",
-        "calls",
-        "GFLOP",
-        "wall s",
-        "core s",
-        "GFLOP/s/c",
-        "largest m,k,n"
-    );
-    let mut rows: Vec<_> = sites.into_iter().collect();
-    rows.sort_by(|a, b| b.1.core_seconds.total_cmp(&a.1.core_seconds));
-    let (mut f, mut c) = (0.0, 0.0);
-    for (site, s) in rows {
-        let short = site.rsplit("src/").next().unwrap_or(&site).to_string();
-        println!(
-            "{:<44} {:>7.0} {:>9.2} {:>8.3} {:>8.3} {:>10.1} {:>18}",
-            short,
-            s.calls as f64 / steps,
-            s.flops / steps / 1e9,
-            s.seconds / steps,
-            s.core_seconds / steps,
-            s.flops / s.core_seconds.max(1e-12) / 1e9,
-            format!("{},{},{}", s.shape.0, s.shape.1, s.shape.2)
-        );
-        f += s.flops / steps;
-        c += s.core_seconds / steps;
-    }
-    // Calls made inside a parallel chunk run one per core at the same time: their wall
-    // seconds overlap, so only core seconds add up.
-    println!(
-        "{:<44} {:>7} {:>9.2} {:>8} {:>8.3} {:>10.1}",
-        "all GEMMs",
-        "",
-        f / 1e9,
-        "",
-        c,
-        f / c.max(1e-12) / 1e9
-    );
+    print!("{}", lora_dash::ops::gemm_profile::report(steps, "step"));
 }
 
 fn decoder(path: &str) -> lora_dash::Result<()> {

@@ -142,6 +142,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let dir = s.commit()?;
         println!("wrote {}", dir.display());
     }
+    // `LORA_DASH_PROFILE_GEMM=1`: where the products of the whole run went.
+    eprint!("{}", crate::ops::gemm_profile::report(1.0, "run"));
     Ok(())
 }
 
@@ -307,6 +309,8 @@ fn eval_glue(args: &EvalArgs, task_name: &str) -> Result<()> {
         let dir = s.commit()?;
         println!("wrote {}", dir.display());
     }
+    // `LORA_DASH_PROFILE_GEMM=1`: where the products of the whole run went.
+    eprint!("{}", crate::ops::gemm_profile::report(1.0, "run"));
     Ok(())
 }
 

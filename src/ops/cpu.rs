@@ -34,7 +34,13 @@ pub(crate) fn widened_weight(w: &Tensor) -> CResult<Option<Vec<f32>>> {
         return Ok(None);
     }
     let (rows, cols) = w.dims2()?;
-    let w = w.contiguous()?;
+    // A transposed weight is widened in its own (column-major) order, so the kernels see the
+    // same strides as for the f32 weight and compute the same numbers.
+    let w = if col_major(w.layout()) {
+        w.t()?.contiguous()?
+    } else {
+        w.contiguous()?
+    };
     let (s, l) = w.storage_and_layout();
     let n = rows * cols;
     let off = l.start_offset();
@@ -56,6 +62,12 @@ pub(crate) fn widened_weight(w: &Tensor) -> CResult<Option<Vec<f32>>> {
     Ok(Some(out))
 }
 
+/// A 2-d layout that is the transpose of a dense row-major one (and not itself row-major).
+fn col_major(l: &Layout) -> bool {
+    let (d, st) = (l.dims(), l.stride());
+    d.len() == 2 && d[0] > 1 && d[1] > 1 && st[0] == 1 && st[1] == d[0]
+}
+
 /// The view of a frozen weight: the widened buffer when there is one, else the weight's own
 /// f32 storage through its layout.
 pub(crate) fn weight_view<'a>(
@@ -67,7 +79,11 @@ pub(crate) fn weight_view<'a>(
     match widened {
         Some(v) => {
             let (rows, cols) = (l.dims()[0], l.dims()[1]);
-            Ok(MatView::rows(v, rows, cols))
+            if col_major(l) {
+                Ok(MatView::rows(v, cols, rows).t())
+            } else {
+                Ok(MatView::rows(v, rows, cols))
+            }
         }
         None => match s {
             candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
@@ -280,7 +296,17 @@ pub mod gemm_profile {
         threads: usize,
         dt: Duration,
     ) {
-        let key = format!("{}:{}", at.file(), at.line());
+        // Few-row products run on their own kernel: kept apart from the GEMMs of a site.
+        let key = if m <= super::SKINNY_MAX_ROWS {
+            format!(
+                "{}:{} (m <= {})",
+                at.file(),
+                at.line(),
+                super::SKINNY_MAX_ROWS
+            )
+        } else {
+            format!("{}:{}", at.file(), at.line())
+        };
         let mut sites = SITES.lock().unwrap_or_else(PoisonError::into_inner);
         let s = sites.entry(key).or_default();
         s.calls += 1;
@@ -290,6 +316,61 @@ pub mod gemm_profile {
         if m * k * n > s.shape.0 * s.shape.1 * s.shape.2 {
             s.shape = (m, k, n);
         }
+    }
+
+    /// The totals so far as a table per call site, divided by `steps` (per `unit`: step,
+    /// run, …), sorted by core seconds, with a total line; resets them. Empty when
+    /// nothing was recorded.
+    pub fn report(steps: f64, unit: &str) -> String {
+        use std::fmt::Write;
+        let sites = take();
+        let mut out = String::new();
+        if sites.is_empty() {
+            return out;
+        }
+        let _ = writeln!(
+            out,
+            "{:<52} {:>7} {:>9} {:>8} {:>8} {:>10} {:>18}",
+            format!("GEMM call site (per {unit})"),
+            "calls",
+            "GFLOP",
+            "wall s",
+            "core s",
+            "GFLOP/s/c",
+            "largest m,k,n"
+        );
+        let mut rows: Vec<_> = sites.into_iter().collect();
+        rows.sort_by(|a, b| b.1.core_seconds.total_cmp(&a.1.core_seconds));
+        let (mut f, mut c) = (0.0, 0.0);
+        for (site, s) in rows {
+            let short = site.rsplit("src/").next().unwrap_or(&site).to_string();
+            let _ = writeln!(
+                out,
+                "{:<52} {:>7.0} {:>9.2} {:>8.3} {:>8.3} {:>10.1} {:>18}",
+                short,
+                s.calls as f64 / steps,
+                s.flops / steps / 1e9,
+                s.seconds / steps,
+                s.core_seconds / steps,
+                s.flops / s.core_seconds.max(1e-12) / 1e9,
+                format!("{},{},{}", s.shape.0, s.shape.1, s.shape.2)
+            );
+            f += s.flops / steps;
+            c += s.core_seconds / steps;
+        }
+        // Calls made inside a parallel chunk run one per core at the same time: their wall
+        // seconds overlap, so only core seconds add up.
+        let _ = writeln!(
+            out,
+            "{:<52} {:>7} {:>9.2} {:>8} {:>8.3} {:>10.1}",
+            "all GEMMs",
+            "",
+            f / 1e9,
+            "",
+            c,
+            f / c.max(1e-12) / 1e9
+        );
+        out
     }
 
     /// The totals so far, by `file:line` of the call site; resets them.
@@ -328,6 +409,10 @@ fn matmul_into_impl(
         (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
         "matmul rhs out of bounds"
     );
+    if m <= SKINNY_MAX_ROWS && a.cs == 1 && b.rs == 1 && skinny_enabled() {
+        skinny_matmul(dst, a, b, alpha, accumulate, parallel);
+        return;
+    }
     let threads = rayon::current_num_threads();
     let par = if parallel && threads > 1 {
         faer::Par::rayon(threads)
@@ -365,6 +450,214 @@ fn matmul_into_impl(
         split_matmul(c, acc, av, bv, alpha, threads);
     } else {
         faer::linalg::matmul::matmul(c, acc, av, bv, alpha, par);
+    }
+}
+
+/// Products with at most this many rows whose operands are both contiguous along `k` (the
+/// forward product against a row-major frozen weight, `x · wᵀ`) run on [`skinny_matmul`].
+pub(crate) const SKINNY_MAX_ROWS: usize = 16;
+
+/// `LORA_DASH_SKINNY=0` sends the few-row products to faer too (for comparison).
+fn skinny_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORA_DASH_SKINNY").map_or(true, |v| v != "0"))
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used by `skinny_matmul`, whose tasks write disjoint columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `dst (m, n) = alpha · a (m, k) · b (k, n)` (or `+=`) for a few rows `m`, with the rows of
+/// `a` and the columns of `b` contiguous (`a.cs == 1`, `b.rs == 1`): every output element is a
+/// dot product of two contiguous vectors. This is the decoding step's shape (a handful of new
+/// tokens against every weight), where a GEMM's packing of the weight costs as much as the
+/// product: here each weight column is read once, straight from memory, against all rows of
+/// `a` held in cache, in register blocks of 4 rows × 2 columns. The columns are split over the
+/// rayon pool when `parallel`. Each element is one sum in a fixed order (8 lanes, then a fixed
+/// fold), so the result does not depend on the thread count.
+fn skinny_matmul(
+    dst: &mut [f32],
+    a: MatView,
+    b: MatView,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    debug_assert!(m <= SKINNY_MAX_ROWS);
+    let out = OutPtr(dst.as_mut_ptr());
+    let run = |j0: usize, j1: usize| {
+        simd(
+            #[inline(always)]
+            || {
+                // SAFETY: tasks get disjoint column ranges [j0, j1) of dst (m × n, row-major,
+                // length ≥ m·n checked by the caller); a and b are in bounds (checked by the
+                // caller for the last element each view touches).
+                unsafe { skinny_cols(out, a, b, alpha, accumulate, j0, j1) }
+            },
+        )
+    };
+    let threads = rayon::current_num_threads();
+    // About 64 KiB of b per task, at least 2 tasks per thread where n allows.
+    let per_task = (16384 / k.max(1)).clamp(2, n.div_ceil(2 * threads).max(2));
+    let per_task = per_task.div_ceil(2) * 2;
+    if parallel && threads > 1 && n > per_task && m * n * k >= (1 << 16) {
+        (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+            let j0 = t * per_task;
+            run(j0, (j0 + per_task).min(n));
+        });
+    } else {
+        run(0, n);
+    }
+}
+
+/// Columns `[j0, j1)` of [`skinny_matmul`].
+///
+/// # Safety
+/// `out` addresses a row-major `a.rows × b.cols` buffer that no one else writes in these
+/// columns; `a.cs == 1`, `b.rs == 1` and both views are in bounds.
+#[inline(always)]
+unsafe fn skinny_cols(
+    out: OutPtr,
+    a: MatView,
+    b: MatView,
+    alpha: f32,
+    accumulate: bool,
+    j0: usize,
+    j1: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let row = |r: usize| &a.data[r * a.rs..r * a.rs + k];
+    let col = |j: usize| &b.data[j * b.cs..j * b.cs + k];
+    let mut j = j0;
+    while j < j1 {
+        let jb = (j1 - j).min(2);
+        let mut r = 0;
+        while r < m {
+            let rb = (m - r).min(4);
+            let mut acc = [[0f32; 2]; 4];
+            match (rb, jb) {
+                (4, 2) => dots::<4, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                (3, 2) => dots::<3, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                (2, 2) => dots::<2, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                (1, 2) => dots::<1, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                (4, _) => dots::<4, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                (3, _) => dots::<3, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                (2, _) => dots::<2, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                _ => dots::<1, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+            }
+            for (i, acc_row) in acc.iter().enumerate().take(rb) {
+                for (c, &v) in acc_row.iter().enumerate().take(jb) {
+                    let d = out.0.add((r + i) * n + j + c);
+                    *d = if accumulate {
+                        *d + alpha * v
+                    } else {
+                        alpha * v
+                    };
+                }
+            }
+            r += rb;
+        }
+        j += jb;
+    }
+}
+
+/// `acc[i][c] = rows(i) · cols(c)` for `R` rows and `C` columns of equal length, 8 lanes per
+/// pair, the lanes folded pairwise at the end and the tail added last.
+#[inline(always)]
+fn dots<'a, const R: usize, const C: usize>(
+    acc: &mut [[f32; 2]; 4],
+    rows: impl Fn(usize) -> &'a [f32],
+    cols: impl Fn(usize) -> &'a [f32],
+) {
+    let rs: [&[f32]; R] = std::array::from_fn(&rows);
+    let cs: [&[f32]; C] = std::array::from_fn(&cols);
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        unsafe { dots_fma::<R, C>(acc, &rs, &cs) };
+        return;
+    }
+    let k = rs[0].len();
+    let body = k / LANES * LANES;
+    let mut lanes = [[[0f32; LANES]; C]; R];
+    let mut p = 0;
+    while p < body {
+        let wv: [[f32; LANES]; C] =
+            std::array::from_fn(|c| cs[c][p..p + LANES].try_into().expect("8 lanes"));
+        for i in 0..R {
+            let xv: &[f32; LANES] = rs[i][p..p + LANES].try_into().expect("8 lanes");
+            for c in 0..C {
+                for l in 0..LANES {
+                    lanes[i][c][l] += xv[l] * wv[c][l];
+                }
+            }
+        }
+        p += LANES;
+    }
+    for i in 0..R {
+        for c in 0..C {
+            let v = &lanes[i][c];
+            let mut s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+            for q in body..k {
+                s += rs[i][q] * cs[c][q];
+            }
+            acc[i][c] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    })
+}
+
+/// [`dots`] in AVX2 registers with fused multiply-adds: `R × C` accumulators of 8 lanes,
+/// folded in the same fixed order.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; all slices have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_fma<const R: usize, const C: usize>(
+    acc: &mut [[f32; 2]; 4],
+    rs: &[&[f32]; R],
+    cs: &[&[f32]; C],
+) {
+    use std::arch::x86_64::*;
+    let k = rs[0].len();
+    let body = k / LANES * LANES;
+    let mut lanes = [[_mm256_setzero_ps(); C]; R];
+    let mut p = 0;
+    while p < body {
+        let mut wv = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = _mm256_loadu_ps(cs[c].as_ptr().add(p));
+        }
+        for i in 0..R {
+            let xv = _mm256_loadu_ps(rs[i].as_ptr().add(p));
+            for c in 0..C {
+                lanes[i][c] = _mm256_fmadd_ps(xv, wv[c], lanes[i][c]);
+            }
+        }
+        p += LANES;
+    }
+    for i in 0..R {
+        for c in 0..C {
+            let mut v = [0f32; LANES];
+            _mm256_storeu_ps(v.as_mut_ptr(), lanes[i][c]);
+            let mut s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+            for q in body..k {
+                s += rs[i][q] * cs[c][q];
+            }
+            acc[i][c] = s;
+        }
     }
 }
 
@@ -832,5 +1125,77 @@ mod tests {
         );
         assert!(((dot_f32(&x, &y) - naive_dot) / naive_dot).abs() < 1e-5);
         assert!((sum_f32(&x) - x.iter().map(|&v| v as f64).sum::<f64>()).abs() < 1e-3);
+    }
+
+    /// The few-row path against an f64 triple loop: every row count up to the limit, odd
+    /// and lane-aligned k, odd n (column pairs and a single column), a row stride wider than
+    /// k, alpha and accumulation; then the same product split over threads and not, which
+    /// must agree bit for bit.
+    #[test]
+    fn skinny_products_match_a_naive_product() {
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for &(k, n) in &[
+            (1usize, 1usize),
+            (7, 3),
+            (8, 2),
+            (37, 65),
+            (576, 193),
+            (1536, 40),
+        ] {
+            for m in 1..=SKINNY_MAX_ROWS {
+                let a_rs = k + 3;
+                let a: Vec<f32> = (0..m * a_rs).map(|_| rnd()).collect();
+                // b (k, n) stored as its transpose: column j contiguous at j * (k + 1).
+                let b_cs = k + 1;
+                let b: Vec<f32> = (0..n * b_cs).map(|_| rnd()).collect();
+                let av = MatView {
+                    data: &a,
+                    rows: m,
+                    cols: k,
+                    rs: a_rs,
+                    cs: 1,
+                };
+                let bv = MatView {
+                    data: &b,
+                    rows: k,
+                    cols: n,
+                    rs: 1,
+                    cs: b_cs,
+                };
+                let start: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+                for accumulate in [false, true] {
+                    let mut got = start.clone();
+                    skinny_matmul(&mut got, av, bv, 0.75, accumulate, true);
+                    let mut seq = start.clone();
+                    skinny_matmul(&mut seq, av, bv, 0.75, accumulate, false);
+                    assert_eq!(got, seq, "m={m} k={k} n={n}: threads change the result");
+                    for r in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|q| a[r * a_rs + q] as f64 * b[j * b_cs + q] as f64)
+                                .sum();
+                            let want = 0.75 * dot
+                                + if accumulate {
+                                    start[r * n + j] as f64
+                                } else {
+                                    0.0
+                                };
+                            let tol = 1e-5 * (1.0 + k as f64).sqrt();
+                            let g = got[r * n + j] as f64;
+                            assert!(
+                                (g - want).abs() <= tol,
+                                "m={m} k={k} n={n} ({r},{j}): {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
