@@ -409,7 +409,7 @@ fn matmul_into_impl(
         (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
         "matmul rhs out of bounds"
     );
-    if m <= SKINNY_MAX_ROWS && a.cs == 1 && b.rs == 1 && skinny_enabled() {
+    if (2..=SKINNY_MAX_ROWS).contains(&m) && a.cs == 1 && b.rs == 1 && skinny_enabled() {
         skinny_matmul(dst, a, b, alpha, accumulate, parallel);
         return;
     }
@@ -453,7 +453,8 @@ fn matmul_into_impl(
     }
 }
 
-/// Products with at most this many rows whose operands are both contiguous along `k` (the
+/// Products with 2 to this many rows (one row is a matrix-vector product, which faer
+/// already streams) whose operands are both contiguous along `k` (the
 /// forward product against a row-major frozen weight, `x · wᵀ`) run on [`skinny_matmul`].
 pub(crate) const SKINNY_MAX_ROWS: usize = 16;
 
