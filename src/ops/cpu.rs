@@ -409,6 +409,7 @@ fn matmul_into_impl(
         (k - 1) * b.rs + (n - 1) * b.cs < b.data.len(),
         "matmul rhs out of bounds"
     );
+    #[cfg(target_arch = "x86_64")]
     if (2..=SKINNY_MAX_ROWS).contains(&m) && a.cs == 1 && b.rs == 1 && skinny_enabled() {
         skinny_matmul(dst, a, b, alpha, accumulate, parallel);
         return;
@@ -458,17 +459,26 @@ fn matmul_into_impl(
 /// forward product against a row-major frozen weight, `x · wᵀ`) run on [`skinny_matmul`].
 pub(crate) const SKINNY_MAX_ROWS: usize = 16;
 
-/// `LORA_DASH_SKINNY=0` sends the few-row products to faer too (for comparison).
+/// Whether the few-row kernel runs: on CPUs with AVX2 and FMA (elsewhere faer takes these
+/// products too), unless `LORA_DASH_SKINNY=0` sends them to faer (for comparison). Checked once.
+#[cfg(target_arch = "x86_64")]
 fn skinny_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LORA_DASH_SKINNY").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| {
+        std::env::var("LORA_DASH_SKINNY").map_or(true, |v| v != "0")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    })
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: only used by `skinny_matmul`, whose tasks write disjoint columns.
+#[cfg(target_arch = "x86_64")]
 unsafe impl Send for OutPtr {}
+#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for OutPtr {}
 
 /// `dst (m, n) = alpha · a (m, k) · b (k, n)` (or `+=`) for a few rows `m`, with the rows of
@@ -478,7 +488,9 @@ unsafe impl Sync for OutPtr {}
 /// product: here each weight column is read once, straight from memory, against all rows of
 /// `a` held in cache, in register blocks of 4 rows × 2 columns. The columns are split over the
 /// rayon pool when `parallel`. Each element is one sum in a fixed order (8 lanes, then a fixed
-/// fold), so the result does not depend on the thread count.
+/// fold), so the result does not depend on the thread count. Only called when
+/// [`skinny_enabled`] (the CPU has AVX2 and FMA).
+#[cfg(target_arch = "x86_64")]
 fn skinny_matmul(
     dst: &mut [f32],
     a: MatView,
@@ -490,17 +502,10 @@ fn skinny_matmul(
     let (m, k, n) = (a.rows, a.cols, b.cols);
     debug_assert!(m <= SKINNY_MAX_ROWS);
     let out = OutPtr(dst.as_mut_ptr());
-    let run = |j0: usize, j1: usize| {
-        simd(
-            #[inline(always)]
-            || {
-                // SAFETY: tasks get disjoint column ranges [j0, j1) of dst (m × n, row-major,
-                // length ≥ m·n checked by the caller); a and b are in bounds (checked by the
-                // caller for the last element each view touches).
-                unsafe { skinny_cols(out, a, b, alpha, accumulate, j0, j1) }
-            },
-        )
-    };
+    // SAFETY: tasks get disjoint column ranges [j0, j1) of dst (m × n, row-major, length
+    // ≥ m·n checked by the caller); a and b are in bounds (checked by the caller for the last
+    // element each view touches); the caller checked AVX2 and FMA.
+    let run = |j0: usize, j1: usize| unsafe { skinny_cols(out, a, b, alpha, accumulate, j0, j1) };
     let threads = rayon::current_num_threads();
     // About 64 KiB of b per task, at least 2 tasks per thread where n allows.
     let per_task = (16384 / k.max(1)).clamp(2, n.div_ceil(2 * threads).max(2));
@@ -519,8 +524,9 @@ fn skinny_matmul(
 ///
 /// # Safety
 /// `out` addresses a row-major `a.rows × b.cols` buffer that no one else writes in these
-/// columns; `a.cs == 1`, `b.rs == 1` and both views are in bounds.
-#[inline(always)]
+/// columns; `a.cs == 1`, `b.rs == 1` and both views are in bounds; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn skinny_cols(
     out: OutPtr,
     a: MatView,
@@ -566,72 +572,22 @@ unsafe fn skinny_cols(
     }
 }
 
-/// `acc[i][c] = rows(i) · cols(c)` for `R` rows and `C` columns of equal length, 8 lanes per
-/// pair, the lanes folded pairwise at the end and the tail added last.
-#[inline(always)]
-fn dots<'a, const R: usize, const C: usize>(
+/// `acc[i][c] = rows(i) · cols(c)` for `R` rows and `C` columns of equal length: `R × C`
+/// AVX2 accumulators of 8 lanes with fused multiply-adds, each folded pairwise at the end and
+/// the tail added last.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots<'a, const R: usize, const C: usize>(
     acc: &mut [[f32; 2]; 4],
     rows: impl Fn(usize) -> &'a [f32],
     cols: impl Fn(usize) -> &'a [f32],
 ) {
+    use std::arch::x86_64::*;
     let rs: [&[f32]; R] = std::array::from_fn(&rows);
     let cs: [&[f32]; C] = std::array::from_fn(&cols);
-    #[cfg(target_arch = "x86_64")]
-    if fma_available() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        unsafe { dots_fma::<R, C>(acc, &rs, &cs) };
-        return;
-    }
-    let k = rs[0].len();
-    let body = k / LANES * LANES;
-    let mut lanes = [[[0f32; LANES]; C]; R];
-    let mut p = 0;
-    while p < body {
-        let wv: [[f32; LANES]; C] =
-            std::array::from_fn(|c| cs[c][p..p + LANES].try_into().expect("8 lanes"));
-        for i in 0..R {
-            let xv: &[f32; LANES] = rs[i][p..p + LANES].try_into().expect("8 lanes");
-            for c in 0..C {
-                for l in 0..LANES {
-                    lanes[i][c][l] += xv[l] * wv[c][l];
-                }
-            }
-        }
-        p += LANES;
-    }
-    for i in 0..R {
-        for c in 0..C {
-            let v = &lanes[i][c];
-            let mut s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-            for q in body..k {
-                s += rs[i][q] * cs[c][q];
-            }
-            acc[i][c] = s;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn fma_available() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    })
-}
-
-/// [`dots`] in AVX2 registers with fused multiply-adds: `R × C` accumulators of 8 lanes,
-/// folded in the same fixed order.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; all slices have the same length.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_fma<const R: usize, const C: usize>(
-    acc: &mut [[f32; 2]; 4],
-    rs: &[&[f32]; R],
-    cs: &[&[f32]; C],
-) {
-    use std::arch::x86_64::*;
     let k = rs[0].len();
     let body = k / LANES * LANES;
     let mut lanes = [[_mm256_setzero_ps(); C]; R];
@@ -1133,7 +1089,12 @@ mod tests {
     /// k, alpha and accumulation; then the same product split over threads and not, which
     /// must agree bit for bit.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn skinny_products_match_a_naive_product() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: the few-row kernel needs AVX2 and FMA");
+            return;
+        }
         let mut seed = 7u64;
         let mut rnd = move || {
             seed = seed
