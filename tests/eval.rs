@@ -7,6 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use common::{golden, missing_fixture, require_shared_data, require_smollm2, shared_data};
 use lora_dash::cli::{run, Cli};
 use lora_dash::data::{eval_prompt, load_records, Record};
@@ -15,7 +16,8 @@ use lora_dash::eval::{continuation, detect_task, response_text, task_name, Famil
 use lora_dash::io::{self, TextTokenizer};
 use lora_dash::models::beam::generate_beam;
 use lora_dash::models::generate::generate_greedy;
-use lora_dash::models::Llama;
+use lora_dash::models::prefill::{prefill_sharing, shared_prefix_len, Prefilled};
+use lora_dash::models::{Ctx, Llama};
 use lora_dash::Error;
 use serde_json::Value;
 
@@ -353,6 +355,79 @@ fn likelihood_batched_equals_naive() {
         .fold(0.0, f64::max);
     println!("alone vs in batch: max |diff| = {d:.3e}");
     assert!(d < 1e-3);
+}
+
+/// The shared-prefix prompt forward (`models::prefill`) computes what one left-padded forward
+/// of the whole prompts computes: the last hidden states, and (through the cache and key
+/// mask it leaves) the next decoding step; greedy decoding of the batch equals each prompt
+/// decoded alone.
+#[test]
+fn shared_prefix_prefill_equals_plain_prefill() {
+    let (tok, m) = tiny();
+    // Prompts of different lengths, so the rows after the shared prefix are padded.
+    let mut recs = arc_like(4, &[1, 2, 3]);
+    recs.extend(arc_like(2, &[1]));
+    recs.extend(arc_like(5, &[4]));
+    let prompts: Vec<Vec<u32>> = recs
+        .iter()
+        .map(|r| tok.encode(&eval_prompt(&r.instruction, None)).unwrap())
+        .collect();
+    let p = shared_prefix_len(&prompts);
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    println!("prompt lengths {lens:?}, shared prefix {p}");
+    assert!(p >= 30, "the template's prefix should be shared, got {p}");
+    let ctx = Ctx::eval();
+    let max_abs = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let mut plain = prefill_sharing(&m, &prompts, 0, 0, &ctx).unwrap();
+    let mut shared = prefill_sharing(&m, &prompts, 0, p, &ctx).unwrap();
+    assert_eq!(shared.shared, p);
+    assert_eq!(plain.lens, shared.lens);
+    let d0 = max_abs(&plain.last, &shared.last);
+    // One decoding step of the same tokens on both caches.
+    let b = prompts.len();
+    let next: Vec<u32> = (0..b as u32).map(|i| 5 + i).collect();
+    let pos: Vec<u32> = plain.lens.iter().map(|&l| l as u32).collect();
+    let step = |pre: &mut Prefilled| -> Tensor {
+        let w = pre.width;
+        let mut mask = Vec::new();
+        for i in 0..b {
+            mask.extend_from_slice(&pre.mask[i * w..(i + 1) * w]);
+            mask.push(1.0);
+        }
+        let dev = candle_core::Device::Cpu;
+        m.forward_hidden(
+            &Tensor::from_vec(next.clone(), (b, 1), &dev).unwrap(),
+            Some(&Tensor::from_vec(mask, (b, w + 1), &dev).unwrap()),
+            Some(&Tensor::from_vec(pos.clone(), (b, 1), &dev).unwrap()),
+            Some(&mut pre.cache),
+            &ctx,
+        )
+        .unwrap()
+    };
+    let d1 = max_abs(&step(&mut plain), &step(&mut shared));
+    println!("max |diff| of hidden states: prompt {d0:.2e}, next step {d1:.2e}");
+    assert!(d0 < 1e-4 && d1 < 1e-4);
+    // Shares a prefix only where it saves work.
+    assert_eq!(shared_prefix_len(&prompts[..1]), 0);
+    assert!(prefill_sharing(&m, &prompts, 0, lens.iter().copied().min().unwrap(), &ctx).is_err());
+    let batched = generate_greedy(&m, &prompts, 0, 10, &[2]).unwrap();
+    for (p, g) in prompts.iter().zip(&batched) {
+        assert_eq!(
+            &generate_greedy(&m, std::slice::from_ref(p), 0, 10, &[2]).unwrap()[0],
+            g
+        );
+    }
 }
 
 /// Runs `eval` into `out` and checks the files against each other; returns the predictions.

@@ -12,8 +12,10 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::TextTokenizer;
-use crate::models::beam::{left_pad, log_softmax_row};
-use crate::models::{CausalLm, Ctx, KvCache};
+use crate::models::beam::log_softmax_row;
+use crate::models::prefill::prefill;
+use crate::models::CausalLm;
+use crate::models::Ctx;
 
 /// One prompt's shared context and the tokens of each candidate continuation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +61,8 @@ fn gather_sum(rows: &[Vec<f32>], targets: &[u32]) -> f64 {
         .sum()
 }
 
-/// Scores of every candidate of every item, batched: one prefill of the left-padded contexts,
+/// Scores of every candidate of every item, batched: one prefill of the contexts (their shared
+/// prefix once, `models::prefill`),
 /// one forward of all right-padded continuations on copies of the context cache.
 pub fn score_batch(
     model: &dyn CausalLm,
@@ -89,16 +92,10 @@ pub fn score_batch(
     let ctx = Ctx::eval();
     let b = items.len();
     let contexts: Vec<Vec<u32>> = items.iter().map(|it| it.context.clone()).collect();
-    let lp = left_pad(&contexts, pad_id)?;
-    let t = lp.width;
-    let mut cache = KvCache::new();
-    let ids = Tensor::from_vec(lp.ids, (b, t), &dev)?;
-    let mask = Tensor::from_vec(lp.mask.clone(), (b, t), &dev)?;
-    let pos = Tensor::from_vec(lp.positions, (b, t), &dev)?;
-    let h = model.forward_hidden(&ids, Some(&mask), Some(&pos), Some(&mut cache), &ctx)?;
-    let last = model
-        .logits(&h.narrow(1, t - 1, 1)?, &ctx)?
-        .to_dtype(DType::F32)?; // (b, 1, v)
+    let pre = prefill(model, &contexts, pad_id, &ctx)?;
+    let t = pre.width;
+    let mut cache = pre.cache;
+    let last = model.logits(&pre.last, &ctx)?.to_dtype(DType::F32)?; // (b, 1, v)
     let first: Vec<Vec<f32>> = last
         .flatten_all()?
         .to_vec1::<f32>()?
@@ -143,9 +140,9 @@ pub fn score_batch(
                     .copied()
                     .chain(std::iter::repeat_n(pad_id, w - n)),
             );
-            m.extend_from_slice(&lp.mask[i * t..(i + 1) * t]);
+            m.extend_from_slice(&pre.mask[i * t..(i + 1) * t]);
             m.extend(std::iter::repeat_n(1f32, n).chain(std::iter::repeat_n(0f32, w - n)));
-            pos.extend((0..w).map(|j| (lp.lens[i] + j) as u32));
+            pos.extend((0..w).map(|j| (pre.lens[i] + j) as u32));
         }
         let ids = Tensor::from_vec(ids, (rows, w), &dev)?;
         let m = Tensor::from_vec(m, (rows, s), &dev)?;

@@ -2,7 +2,8 @@
 //! `BeamSearchScorer` (`do_sample=False`, no logits processors, one returned sequence).
 //!
 //! What is implemented, step by step:
-//! * prompts are left-padded and prefilled once; the cache is then copied to `num_beams` rows
+//! * prompts are left-padded and prefilled once (their shared prefix once per batch:
+//!   `models::prefill`); the cache is then copied to `num_beams` rows
 //!   per prompt (transformers prefills every copy, with the same result);
 //! * beam scores start at 0 for beam 0 and −1e9 for the others, so the first step expands
 //!   beam 0 only;
@@ -23,42 +24,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::{CausalLm, Ctx, KvCache};
-
-/// Left-padded batch: ids and mask (b, t) row-major, RoPE positions counting from each row's
-/// first real token, and each row's prompt length.
-pub struct LeftPadded {
-    pub ids: Vec<u32>,
-    pub mask: Vec<f32>,
-    pub positions: Vec<u32>,
-    pub lens: Vec<usize>,
-    pub width: usize,
-}
-
-/// Left-pads `prompts` with `pad_id` (as transformers with `padding_side="left"`).
-pub fn left_pad(prompts: &[Vec<u32>], pad_id: u32) -> Result<LeftPadded> {
-    if prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::msg("cannot decode from an empty prompt"));
-    }
-    let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let mut out = LeftPadded {
-        ids: Vec::with_capacity(prompts.len() * t),
-        mask: Vec::with_capacity(prompts.len() * t),
-        positions: Vec::with_capacity(prompts.len() * t),
-        lens: prompts.iter().map(|p| p.len()).collect(),
-        width: t,
-    };
-    for p in prompts {
-        let pad = t - p.len();
-        out.ids
-            .extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
-        out.mask
-            .extend(std::iter::repeat_n(0f32, pad).chain(std::iter::repeat_n(1f32, p.len())));
-        out.positions
-            .extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
-    }
-    Ok(out)
-}
+use crate::models::prefill::prefill;
+use crate::models::{CausalLm, Ctx};
 
 /// Log-softmax of one row of logits, in f32 with an f64 normaliser.
 pub fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
@@ -156,16 +123,11 @@ pub fn generate_beam(
     let k = num_beams;
     let b = prompts.len();
     let rows = b * k;
-    let lp = left_pad(prompts, pad_id)?;
-    let t = lp.width;
-
-    // Prefill once per prompt, then copy each prompt's cache to its k beams.
-    let mut cache = KvCache::new();
-    let ids = Tensor::from_vec(lp.ids, (b, t), &dev)?;
-    let mask = Tensor::from_vec(lp.mask.clone(), (b, t), &dev)?;
-    let pos = Tensor::from_vec(lp.positions, (b, t), &dev)?;
-    let h = model.forward_hidden(&ids, Some(&mask), Some(&pos), Some(&mut cache), &ctx)?;
-    let last = h.narrow(1, t - 1, 1)?; // (b, 1, e)
+    // Prefill once per prompt (its shared prefix once per batch), then copy each prompt's
+    // cache to its k beams.
+    let pre = prefill(model, prompts, pad_id, &ctx)?;
+    let mut cache = pre.cache;
+    let last = pre.last; // (b, 1, e)
     let expand: Vec<u32> = (0..rows).map(|r| (r / k) as u32).collect();
     let expand = Tensor::from_vec(expand, rows, &dev)?;
     let mut logits = model
@@ -257,16 +219,17 @@ pub fn generate_beam(
             &dev,
         )?;
         cache.select_rows(&src)?;
-        // Mask (rows, t + step + 1): the prompt's padding, then one real column per new token.
+        // Mask (rows, t + step + 1): the prompt's key mask, then one real column per new token.
+        let t = pre.width;
         let s = t + step + 1;
         let mut m = Vec::with_capacity(rows * s);
         for r in 0..rows {
             let i = r / k;
-            m.extend_from_slice(&lp.mask[i * t..(i + 1) * t]);
+            m.extend_from_slice(&pre.mask[i * t..(i + 1) * t]);
             m.extend(std::iter::repeat_n(1f32, step + 1));
         }
         let m = Tensor::from_vec(m, (rows, s), &dev)?;
-        let pos: Vec<u32> = (0..rows).map(|r| (lp.lens[r / k] + step) as u32).collect();
+        let pos: Vec<u32> = (0..rows).map(|r| (pre.lens[r / k] + step) as u32).collect();
         let pos = Tensor::from_vec(pos, (rows, 1), &dev)?;
         let input = Tensor::from_vec(next_tokens, (rows, 1), &dev)?;
         let h = model.forward_hidden(&input, Some(&m), Some(&pos), Some(&mut cache), &ctx)?; // (rows, 1, e)

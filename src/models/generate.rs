@@ -1,10 +1,12 @@
-//! Batched greedy decoding with a KV cache. Prompts are left-padded, positions follow the
-//! attention mask (as transformers' `generate`), so every row decodes as if alone.
+//! Batched greedy decoding with a KV cache. Prompts are left-padded after their shared prefix
+//! (`models::prefill`), positions follow the attention mask (as transformers' `generate`), so
+//! every row decodes as if alone.
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::{CausalLm, Ctx, KvCache};
+use crate::models::prefill::prefill;
+use crate::models::{CausalLm, Ctx};
 
 /// Generated token ids per prompt (without the prompt, stopping before any of `eos`).
 pub fn generate_greedy(
@@ -14,38 +16,23 @@ pub fn generate_greedy(
     max_new_tokens: usize,
     eos: &[u32],
 ) -> Result<Vec<Vec<u32>>> {
-    if prompts.is_empty() {
-        return Ok(vec![]);
-    }
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(Error::msg("cannot generate from an empty prompt"));
     }
+    if prompts.is_empty() || max_new_tokens == 0 {
+        return Ok(vec![Vec::new(); prompts.len()]);
+    }
     let dev = model.device().clone();
     let b = prompts.len();
-    let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * t);
-    let mut mask = Vec::with_capacity(b * t);
-    let mut pos = Vec::with_capacity(b * t);
-    let mut next_pos = vec![0u32; b];
-    for (i, p) in prompts.iter().enumerate() {
-        let pad = t - p.len();
-        ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
-        mask.extend(std::iter::repeat_n(0f32, pad).chain(std::iter::repeat_n(1f32, p.len())));
-        pos.extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
-        next_pos[i] = p.len() as u32;
-    }
     let ctx = Ctx::eval();
-    let mut cache = KvCache::new();
-    let mut mask_all = mask;
-    let mut input = Tensor::from_vec(ids, (b, t), &dev)?;
-    let mut positions = Tensor::from_vec(pos, (b, t), &dev)?;
+    let pre = prefill(model, prompts, pad_id, &ctx)?;
+    let mut cache = pre.cache;
+    let mut mask_all = pre.mask;
+    let mut next_pos: Vec<u32> = pre.lens.iter().map(|&l| l as u32).collect();
+    let mut last = pre.last; // (b, 1, e)
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
-    for _ in 0..max_new_tokens {
-        let s = cache.len() + input.dims()[1];
-        let m = Tensor::from_vec(mask_all.clone(), (b, s), &dev)?;
-        let h = model.forward_hidden(&input, Some(&m), Some(&positions), Some(&mut cache), &ctx)?;
-        let last = h.narrow(1, h.dims()[1] - 1, 1)?; // (b, 1, e)
+    for step in 0..max_new_tokens {
         let logits = model
             .logits(&last, &ctx)?
             .squeeze(1)?
@@ -60,17 +47,18 @@ pub fn generate_greedy(
                 }
             }
         }
-        if done.iter().all(|&d| d) {
+        if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
             break;
         }
-        // Append one column to the mask (b, s) -> (b, s+1).
+        // One more key column per row: (b, s) -> (b, s+1).
+        let s = cache.len();
         let mut grown = Vec::with_capacity(b * (s + 1));
         for i in 0..b {
             grown.extend_from_slice(&mask_all[i * s..(i + 1) * s]);
             grown.push(1.0);
         }
         mask_all = grown;
-        input = Tensor::from_vec(
+        let input = Tensor::from_vec(
             next.iter()
                 .zip(&done)
                 .map(|(&n, &d)| if d { pad_id } else { n })
@@ -78,10 +66,12 @@ pub fn generate_greedy(
             (b, 1),
             &dev,
         )?;
-        positions = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
+        let positions = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
         for p in next_pos.iter_mut() {
             *p += 1;
         }
+        let m = Tensor::from_vec(mask_all.clone(), (b, s + 1), &dev)?;
+        last = model.forward_hidden(&input, Some(&m), Some(&positions), Some(&mut cache), &ctx)?;
     }
     Ok(out)
 }

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod head;
 pub mod linear;
 pub mod llama;
+pub mod prefill;
 
 use std::cell::RefCell;
 
