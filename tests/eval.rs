@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use common::{golden, missing_fixture, require_shared_data, require_smollm2, shared_data};
 use lora_dash::cli::{run, Cli};
 use lora_dash::data::{eval_prompt, load_records, Record};
-use lora_dash::eval::likelihood::{score_batch, score_naive, tokenize_candidates};
+use lora_dash::eval::likelihood::{score_batch, score_naive, tokenize_candidates, Candidates};
 use lora_dash::eval::{continuation, detect_task, response_text, task_name, Family, Task};
 use lora_dash::io::{self, TextTokenizer};
 use lora_dash::models::beam::generate_beam;
@@ -332,6 +332,22 @@ fn likelihood_batched_equals_naive() {
             it
         })
         .collect();
+    // Hand-made items: candidates sharing no start, and sharing two tokens before remainders
+    // of one to three tokens (scored once in the prefill, then in the remainder forward).
+    let mut items = items;
+    let ctx0 = items[0].context.clone();
+    items.push(Candidates {
+        context: ctx0[..ctx0.len() - 3].to_vec(),
+        continuations: vec![vec![5, 6, 7], vec![8, 9], vec![10]],
+    });
+    items.push(Candidates {
+        context: ctx0[..ctx0.len() - 7].to_vec(),
+        continuations: vec![
+            vec![11, 12, 13],
+            vec![11, 12, 14, 15, 16],
+            vec![11, 12, 17, 18],
+        ],
+    });
     let batched = score_batch(&m, &items, tok.pad_or_eos()).unwrap();
     let mut max_diff = 0f64;
     for (it, b) in items.iter().zip(&batched) {
@@ -372,7 +388,7 @@ fn shared_prefix_prefill_equals_plain_prefill() {
         .iter()
         .map(|r| tok.encode(&eval_prompt(&r.instruction, None)).unwrap())
         .collect();
-    let p = shared_prefix_len(&prompts);
+    let p = shared_prefix_len(&prompts, 1);
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     println!("prompt lengths {lens:?}, shared prefix {p}");
     assert!(p >= 30, "the template's prefix should be shared, got {p}");
@@ -389,11 +405,11 @@ fn shared_prefix_prefill_equals_plain_prefill() {
             .to_scalar()
             .unwrap()
     };
-    let mut plain = prefill_sharing(&m, &prompts, 0, 0, &ctx).unwrap();
-    let mut shared = prefill_sharing(&m, &prompts, 0, p, &ctx).unwrap();
+    let mut plain = prefill_sharing(&m, &prompts, 0, 0, 1, &ctx).unwrap();
+    let mut shared = prefill_sharing(&m, &prompts, 0, p, 1, &ctx).unwrap();
     assert_eq!(shared.shared, p);
     assert_eq!(plain.lens, shared.lens);
-    let d0 = max_abs(&plain.last, &shared.last);
+    let d0 = max_abs(&plain.tail, &shared.tail);
     // One decoding step of the same tokens on both caches.
     let b = prompts.len();
     let next: Vec<u32> = (0..b as u32).map(|i| 5 + i).collect();
@@ -419,8 +435,16 @@ fn shared_prefix_prefill_equals_plain_prefill() {
     println!("max |diff| of hidden states: prompt {d0:.2e}, next step {d1:.2e}");
     assert!(d0 < 1e-4 && d1 < 1e-4);
     // Shares a prefix only where it saves work.
-    assert_eq!(shared_prefix_len(&prompts[..1]), 0);
-    assert!(prefill_sharing(&m, &prompts, 0, lens.iter().copied().min().unwrap(), &ctx).is_err());
+    assert_eq!(shared_prefix_len(&prompts[..1], 1), 0);
+    assert!(prefill_sharing(
+        &m,
+        &prompts,
+        0,
+        lens.iter().copied().min().unwrap(),
+        1,
+        &ctx
+    )
+    .is_err());
     let batched = generate_greedy(&m, &prompts, 0, 10, &[2]).unwrap();
     for (p, g) in prompts.iter().zip(&batched) {
         assert_eq!(

@@ -5,7 +5,8 @@
 //! halves (the prompt's trailing spaces merge with the first word), so each candidate is
 //! tokenised jointly and the context is the longest token prefix shared by the prompt and
 //! every candidate. Continuations are the remaining tokens; they share the context exactly, so
-//! the context is run once per prompt and its KV cache copied to each candidate's row.
+//! the context (with the start the continuations have in common) is run once per prompt and
+//! its KV cache copied to each candidate's row.
 //! No end-of-sequence token is appended to the continuation.
 
 use candle_core::{DType, Tensor};
@@ -61,9 +62,15 @@ fn gather_sum(rows: &[Vec<f32>], targets: &[u32]) -> f64 {
         .sum()
 }
 
-/// Scores of every candidate of every item, batched: one prefill of the contexts (their shared
-/// prefix once, `models::prefill`),
-/// one forward of all right-padded continuations on copies of the context cache.
+/// Scores of every candidate of every item, batched.
+///
+/// The candidates of an item usually share the start of their continuation as well ("the
+/// correct answer is answer" before 1, 2, 3 or 4): that part is the same tokens after the
+/// same context, so it is appended to the context and scored once per item. One prefill of
+/// these extended contexts (their batch-wide shared prefix once, `models::prefill`) gives
+/// the shared part's log-probabilities and every candidate's first own token; one forward of
+/// all right-padded remainders, on copies of the context cache, scores the rest (skipped when
+/// no candidate has more than one own token).
 pub fn score_batch(
     model: &dyn CausalLm,
     items: &[Candidates],
@@ -76,6 +83,9 @@ pub fn score_batch(
     for it in items {
         if it.continuations.iter().any(|c| c.is_empty()) {
             return Err(Error::msg("empty candidate continuation"));
+        }
+        if it.context.is_empty() {
+            return Err(Error::msg("cannot score a continuation without context"));
         }
         if let Some(&bad) = it
             .context
@@ -91,35 +101,74 @@ pub fn score_batch(
     let dev = model.device().clone();
     let ctx = Ctx::eval();
     let b = items.len();
-    let contexts: Vec<Vec<u32>> = items.iter().map(|it| it.context.clone()).collect();
-    let pre = prefill(model, &contexts, pad_id, &ctx)?;
+    // q[i]: tokens every candidate of item i begins with, leaving each at least one of its own.
+    let q: Vec<usize> = items
+        .iter()
+        .map(|it| {
+            let c0 = &it.continuations[0];
+            it.continuations
+                .iter()
+                .map(|c| {
+                    c0.iter()
+                        .zip(c)
+                        .take_while(|(x, y)| x == y)
+                        .count()
+                        .min(c.len() - 1)
+                })
+                .min()
+                .unwrap_or(0)
+        })
+        .collect();
+    let contexts: Vec<Vec<u32>> = items
+        .iter()
+        .zip(&q)
+        .map(|(it, &q)| {
+            it.context
+                .iter()
+                .chain(&it.continuations[0][..q])
+                .copied()
+                .collect()
+        })
+        .collect();
+    // The last q + 1 positions of an extended context predict its q shared tokens and the
+    // candidates' first own token.
+    let keep = q.iter().max().copied().unwrap_or(0) + 1;
+    let pre = prefill(model, &contexts, pad_id, keep, &ctx)?;
     let t = pre.width;
     let mut cache = pre.cache;
-    let last = model.logits(&pre.last, &ctx)?.to_dtype(DType::F32)?; // (b, 1, v)
-    let first: Vec<Vec<f32>> = last
+    let tail: Vec<f32> = model
+        .logits(&pre.tail, &ctx)?
+        .to_dtype(DType::F32)?
         .flatten_all()?
-        .to_vec1::<f32>()?
-        .chunks(v)
-        .map(log_softmax_row)
-        .collect();
+        .to_vec1()?; // b·keep·v
+    let mut shared_score = Vec::with_capacity(b);
+    let mut first = Vec::with_capacity(b);
+    for (i, it) in items.iter().enumerate() {
+        let row = |j: usize| log_softmax_row(&tail[(i * keep + j) * v..(i * keep + j + 1) * v]);
+        let start = keep - (q[i] + 1);
+        let lps: Vec<Vec<f32>> = (start..keep - 1).map(row).collect();
+        shared_score.push(gather_sum(&lps, &it.continuations[0][..q[i]]));
+        first.push(row(keep - 1));
+    }
 
-    // One row per (item, candidate); row r continues the cache of item owner[r].
+    // One row per (item, candidate); row r continues the cache of item owner[r] with the
+    // candidate's own tokens.
     let mut owner = Vec::new();
     let mut conts: Vec<&[u32]> = Vec::new();
     for (i, it) in items.iter().enumerate() {
         for c in &it.continuations {
             owner.push(i);
-            conts.push(c);
+            conts.push(&c[q[i]..]);
         }
     }
     let rows = owner.len();
     let mut scores: Vec<f64> = conts
         .iter()
         .zip(&owner)
-        .map(|(c, &i)| first[i][c[0] as usize] as f64)
+        .map(|(c, &i)| shared_score[i] + first[i][c[0] as usize] as f64)
         .collect();
 
-    // Feed every continuation but its last token: position j predicts token j+1.
+    // Feed every remainder but its last token: position j predicts token j+1.
     let w = conts.iter().map(|c| c.len() - 1).max().unwrap_or(0);
     if w > 0 {
         let sel = Tensor::from_vec(

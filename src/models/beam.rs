@@ -125,9 +125,9 @@ pub fn generate_beam(
     let rows = b * k;
     // Prefill once per prompt (its shared prefix once per batch), then copy each prompt's
     // cache to its k beams.
-    let pre = prefill(model, prompts, pad_id, &ctx)?;
+    let pre = prefill(model, prompts, pad_id, 1, &ctx)?;
     let mut cache = pre.cache;
-    let last = pre.last; // (b, 1, e)
+    let last = pre.tail; // (b, 1, e)
     let expand: Vec<u32> = (0..rows).map(|r| (r / k) as u32).collect();
     let expand = Tensor::from_vec(expand, rows, &dev)?;
     let mut logits = model

@@ -25,11 +25,11 @@ pub fn generate_greedy(
     let dev = model.device().clone();
     let b = prompts.len();
     let ctx = Ctx::eval();
-    let pre = prefill(model, prompts, pad_id, &ctx)?;
+    let pre = prefill(model, prompts, pad_id, 1, &ctx)?;
     let mut cache = pre.cache;
     let mut mask_all = pre.mask;
     let mut next_pos: Vec<u32> = pre.lens.iter().map(|&l| l as u32).collect();
-    let mut last = pre.last; // (b, 1, e)
+    let mut last = pre.tail; // (b, 1, e)
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
     for step in 0..max_new_tokens {

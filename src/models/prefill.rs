@@ -25,8 +25,8 @@ pub struct Prefilled {
     pub mask: Vec<f32>,
     /// Number of cached positions.
     pub width: usize,
-    /// Final hidden state of each row's last prompt token, (b, 1, e).
-    pub last: Tensor,
+    /// Final hidden states of each row's last `keep` prompt tokens, (b, keep, e).
+    pub tail: Tensor,
     /// Each row's prompt length, which is also the RoPE position of its next token.
     pub lens: Vec<usize>,
     /// Number of leading tokens computed once for the whole batch.
@@ -40,10 +40,10 @@ pub fn sharing_enabled() -> bool {
 }
 
 /// Length of the prefix worth computing once: the longest common prefix of all prompts,
-/// leaving every row at least one token of its own (its last position gives the next-token
-/// logits), and 0 when the saving, `(b − 1) · P` token positions, is below 32 (a forward of
+/// leaving every row at least `keep` tokens of its own (its last positions give the
+/// next-token logits), and 0 when the saving, `(b − 1) · P` token positions, is below 32 (a forward of
 /// a few positions still reads every weight once).
-pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+pub fn shared_prefix_len(prompts: &[Vec<u32>], keep: usize) -> usize {
     let Some(first) = prompts.first() else {
         return 0;
     };
@@ -52,7 +52,7 @@ pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
         .map(|x| x.len())
         .min()
         .unwrap_or(0)
-        .saturating_sub(1);
+        .saturating_sub(keep.max(1));
     for x in &prompts[1..] {
         p = p.min(first.iter().zip(x).take_while(|(a, b)| a == b).count());
     }
@@ -63,31 +63,38 @@ pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
     }
 }
 
-/// Runs the prompts (each non-empty) through `model` into a fresh cache; shares their
-/// common prefix when [`sharing_enabled`].
+/// Runs the prompts (each at least `keep` tokens long) through `model` into a fresh cache
+/// and returns the hidden states of their last `keep` tokens; shares their common prefix
+/// when [`sharing_enabled`].
 pub fn prefill(
     model: &dyn CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
+    keep: usize,
     ctx: &Ctx,
 ) -> Result<Prefilled> {
     let shared = if sharing_enabled() {
-        shared_prefix_len(prompts)
+        shared_prefix_len(prompts, keep)
     } else {
         0
     };
-    prefill_sharing(model, prompts, pad_id, shared, ctx)
+    prefill_sharing(model, prompts, pad_id, shared, keep, ctx)
 }
 
-/// [`prefill`] with the first `shared` tokens (common to every prompt, shorter than each)
-/// computed once; `shared = 0` is one left-padded forward of the whole prompts.
+/// [`prefill`] with the first `shared` tokens (common to every prompt, which each keep at
+/// least `keep` tokens after them) computed once; `shared = 0` is one left-padded forward of
+/// the whole prompts.
 pub fn prefill_sharing(
     model: &dyn CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     shared: usize,
+    keep: usize,
     ctx: &Ctx,
 ) -> Result<Prefilled> {
+    if keep == 0 {
+        return Err(Error::msg("prefill: keep at least one position"));
+    }
     if prompts.is_empty() {
         return Err(Error::msg("no prompt to run"));
     }
@@ -96,10 +103,10 @@ pub fn prefill_sharing(
     }
     if prompts
         .iter()
-        .any(|p| p.len() <= shared || p[..shared] != prompts[0][..shared])
+        .any(|p| p.len() < shared + keep || p[..shared] != prompts[0][..shared])
     {
         return Err(Error::msg(format!(
-            "prefill: {shared} shared tokens are not a common prefix shorter than every prompt"
+            "prefill: {shared} shared tokens are not a common prefix with {keep} more tokens in every prompt"
         )));
     }
     let dev = model.device().clone();
@@ -131,7 +138,7 @@ pub fn prefill_sharing(
         cache,
         mask,
         width,
-        last: h.narrow(1, t - 1, 1)?,
+        tail: h.narrow(1, t - keep, keep)?,
         lens: prompts.iter().map(|p| p.len()).collect(),
         shared,
     })
@@ -149,21 +156,29 @@ mod tests {
         let mut b = base.clone();
         b.extend([200]);
         // Common 40, both longer: all 40 shared.
-        assert_eq!(shared_prefix_len(&[a.clone(), b.clone()]), 40);
+        assert_eq!(shared_prefix_len(&[a.clone(), b.clone()], 1), 40);
         // One prompt is the prefix itself: it keeps its last token.
-        assert_eq!(shared_prefix_len(&[a.clone(), base.clone()]), 39);
+        assert_eq!(shared_prefix_len(&[a.clone(), base.clone()], 1), 39);
         // A saving under 32 positions is not worth a forward.
-        assert_eq!(shared_prefix_len(&[a[..20].to_vec(), b[..20].to_vec()]), 0);
         assert_eq!(
-            shared_prefix_len(&[
-                a[..12].to_vec(),
-                a[..13].to_vec(),
-                a[..14].to_vec(),
-                a[..15].to_vec()
-            ]),
+            shared_prefix_len(&[a[..20].to_vec(), b[..20].to_vec()], 1),
+            0
+        );
+        assert_eq!(
+            shared_prefix_len(
+                &[
+                    a[..12].to_vec(),
+                    a[..13].to_vec(),
+                    a[..14].to_vec(),
+                    a[..15].to_vec()
+                ],
+                1
+            ),
             11
         );
-        assert_eq!(shared_prefix_len(&[a.clone()]), 0);
-        assert_eq!(shared_prefix_len(&[vec![1, 2, 3], vec![4, 5, 6]]), 0);
+        assert_eq!(shared_prefix_len(&[a.clone()], 1), 0);
+        // Rows keep `keep` tokens: the last 3 of the shortest.
+        assert_eq!(shared_prefix_len(&[a.clone(), base.clone()], 3), 37);
+        assert_eq!(shared_prefix_len(&[vec![1, 2, 3], vec![4, 5, 6]], 1), 0);
     }
 }
