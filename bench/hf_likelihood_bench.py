@@ -25,7 +25,8 @@ Protocol, mirroring `lora-dash eval --mode likelihood` (src/eval/likelihood.rs, 
     in float64); the prediction is the first candidate with the highest score;
   * records sorted by context length, longest first (stable), in batches of --batch-size.
 
-Implementation (the same algorithm as lora-dash): per batch, ONE forward of the left-padded
+Implementation (lora-dash's algorithm before two further savings, see below): per batch,
+ONE forward of the left-padded
 contexts (attention mask, positions counted from the first real token, a DynamicCache, logits
 of the last position only via num_logits_to_keep=1), whose last logits score every
 continuation's first token; the cache rows are then copied to one row per (record,
@@ -34,6 +35,14 @@ continuations minus their last token scores the rest. The context is thus comput
 record, not once per candidate. `--strategy full` instead runs every context+continuation
 sequence, right-padded, in one forward per batch (no cache; the context is recomputed for
 each candidate), as simpler harnesses do; it is slower and gives the same scores.
+
+lora-dash additionally computes (i) the token prefix shared by the whole batch's contexts
+(the prompt template's header) once per batch instead of once per record, and (ii) the
+start all of a record's continuations share ("the correct answer is answer") once per
+record, scored in the context forward, instead of once per candidate. Both are exact (the
+same conditional probabilities, up to the order of floating-point additions) and this script
+does neither, so the benchmark's likelihood ratio includes them (BENCHMARKS.md gives the
+ratio with them off, LORA_DASH_SHARED_PREFIX=0, too).
 
 The timed region is what `lora-dash eval` times: prompt building, candidate derivation,
 tokenisation, scoring and answer picking of every record; model loading and reading the data

@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::io::TextTokenizer;
 use crate::models::beam::log_softmax_row;
-use crate::models::prefill::prefill;
+use crate::models::prefill::{prefill, sharing_enabled};
 use crate::models::CausalLm;
 use crate::models::Ctx;
 
@@ -102,9 +102,14 @@ pub fn score_batch(
     let ctx = Ctx::eval();
     let b = items.len();
     // q[i]: tokens every candidate of item i begins with, leaving each at least one of its own.
+    // (`LORA_DASH_SHARED_PREFIX=0` turns this off with the batch-wide prefix sharing.)
+    let share = sharing_enabled();
     let q: Vec<usize> = items
         .iter()
         .map(|it| {
+            if !share {
+                return 0;
+            }
             let c0 = &it.continuations[0];
             it.continuations
                 .iter()

@@ -11,7 +11,8 @@
 //! the order of floating-point additions.
 //!
 //! `LORA_DASH_SHARED_PREFIX=0` turns the sharing off (one left-padded forward of the whole
-//! prompts), for comparisons.
+//! prompts; likelihood scoring then also runs each candidate's whole continuation), for
+//! comparisons.
 
 use candle_core::Tensor;
 
