@@ -88,6 +88,18 @@ pub fn causal_attention(
     )?)
 }
 
+/// Query rows per block: a block's products use only the keys its last row can see, so a
+/// causal square computes about (1 + 1/n_blocks) / 2 of the full score matrix.
+const QUERY_BLOCK: usize = 64;
+
+/// Query rows `i0 .. i0 + rows` against keys `lo .. lo + width`.
+struct Block {
+    i0: usize,
+    rows: usize,
+    lo: usize,
+    width: usize,
+}
+
 #[derive(Clone)]
 struct Geometry {
     b: usize,
@@ -108,6 +120,32 @@ impl Geometry {
 
     fn allowed(&self, bi: usize, i: usize, j: usize) -> bool {
         j <= self.q_offset + i && self.keep.as_ref().is_none_or(|k| k[bi * self.s + j])
+    }
+
+    /// The query blocks of batch row `bi` with the span of keys each can see (the causal
+    /// limit of its last row, cut to the row's first and last unmasked key); blocks that
+    /// see no key are left out (their rows output zeros).
+    fn blocks(&self, bi: usize) -> impl Iterator<Item = Block> + '_ {
+        let (lo, hi) = match &self.keep {
+            None => (0, self.s),
+            Some(k) => {
+                let row = &k[bi * self.s..][..self.s];
+                match row.iter().position(|&x| x) {
+                    None => (0, 0),
+                    Some(first) => (first, self.s - row.iter().rev().position(|&x| x).unwrap_or(0)),
+                }
+            }
+        };
+        (0..self.t).step_by(QUERY_BLOCK).filter_map(move |i0| {
+            let rows = QUERY_BLOCK.min(self.t - i0);
+            let end = hi.min(self.q_offset + i0 + rows);
+            (end > lo).then_some(Block {
+                i0,
+                rows,
+                lo,
+                width: end - lo,
+            })
+        })
     }
 
     /// Nothing to compute: the output (and every gradient) is all zeros.
@@ -150,35 +188,54 @@ impl CustomOp3 for Attention {
                 .for_each(|(bh, (o, lse))| {
                     let (bi, hi) = (bh / g.h, bh % g.h);
                     let kv = bi * g.kvh + hi / g.rep();
-                    let qh = MatView::rows(&q[bh * t * d..][..t * d], t, d);
-                    let kh = MatView::rows(&k[kv * s * d..][..s * d], s, d);
-                    let vh = MatView::rows(&v[kv * s * d..][..s * d], s, d);
-                    // (t, s) probabilities of this head only.
-                    let mut p = crate::ops::cpu::zeros(t * s);
-                    matmul_into(&mut p, qh, kh.t(), g.scale, false, false);
-                    simd(
-                        #[inline(always)]
-                        || {
-                            for (i, row) in p.chunks_mut(s).enumerate() {
-                                for (j, x) in row.iter_mut().enumerate() {
-                                    if !g.allowed(bi, i, j) {
-                                        *x = f32::NEG_INFINITY;
+                    let qh = &q[bh * t * d..][..t * d];
+                    let kh = &k[kv * s * d..][..s * d];
+                    let vh = &v[kv * s * d..][..s * d];
+                    // Probabilities of one block of query rows against the keys it can see.
+                    let mut p = crate::ops::cpu::zeros(QUERY_BLOCK.min(t) * s);
+                    for blk in g.blocks(bi) {
+                        let (i0, nb, lo, w) = (blk.i0, blk.rows, blk.lo, blk.width);
+                        let p = &mut p[..nb * w];
+                        matmul_into(
+                            p,
+                            MatView::rows(&qh[i0 * d..][..nb * d], nb, d),
+                            MatView::rows(&kh[lo * d..][..w * d], w, d).t(),
+                            g.scale,
+                            false,
+                            false,
+                        );
+                        let lse = &mut lse[i0..][..nb];
+                        simd(
+                            #[inline(always)]
+                            || {
+                                for (ii, row) in p.chunks_mut(w).enumerate() {
+                                    for (jj, x) in row.iter_mut().enumerate() {
+                                        if !g.allowed(bi, i0 + ii, lo + jj) {
+                                            *x = f32::NEG_INFINITY;
+                                        }
                                     }
+                                    let max = row_max(row);
+                                    if max == f32::NEG_INFINITY {
+                                        row.iter_mut().for_each(|x| *x = 0.0);
+                                        continue;
+                                    }
+                                    row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+                                    let sum = sum_f32(row);
+                                    lse[ii] = max + sum.ln() as f32;
+                                    let inv = (1.0 / sum) as f32;
+                                    row.iter_mut().for_each(|x| *x *= inv);
                                 }
-                                let max = row_max(row);
-                                if max == f32::NEG_INFINITY {
-                                    row.iter_mut().for_each(|x| *x = 0.0);
-                                    continue;
-                                }
-                                row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-                                let sum = sum_f32(row);
-                                lse[i] = max + sum.ln() as f32;
-                                let inv = (1.0 / sum) as f32;
-                                row.iter_mut().for_each(|x| *x *= inv);
-                            }
-                        },
-                    );
-                    matmul_into(o, MatView::rows(&p, t, s), vh, 1.0, false, false);
+                            },
+                        );
+                        matmul_into(
+                            &mut o[i0 * d..][..nb * d],
+                            MatView::rows(p, nb, w),
+                            MatView::rows(&vh[lo * d..][..w * d], w, d),
+                            1.0,
+                            false,
+                            false,
+                        );
+                    }
                 });
         }
         if let Ok(mut saved) = self.lse.lock() {
@@ -267,49 +324,80 @@ impl CustomOp3 for AttentionBwd {
             .enumerate()
             .for_each(|(grp, (dq, (dk, dv)))| {
                 let bi = grp / g.kvh;
-                let kh = MatView::rows(&k[grp * s * d..][..s * d], s, d);
-                let vh = MatView::rows(&v[grp * s * d..][..s * d], s, d);
-                let mut p = crate::ops::cpu::zeros(t * s);
-                let mut ds = crate::ops::cpu::zeros(t * s);
+                let kh = &k[grp * s * d..][..s * d];
+                let vh = &v[grp * s * d..][..s * d];
+                let cap = QUERY_BLOCK.min(t) * s;
+                let mut p = crate::ops::cpu::zeros(cap);
+                let mut ds = crate::ops::cpu::zeros(cap);
                 for (r, dq) in dq.chunks_mut(t * d).enumerate() {
                     let bh = grp * rep + r;
                     let span = bh * t * d..(bh + 1) * t * d;
                     let (qh, oh, dyh) = (&q[span.clone()], &o[span.clone()], &dy[span]);
                     let lse = &self.lse[bh * t..][..t];
-                    // P = exp(scale · Q Kᵀ - lse), masked entries exactly 0.
-                    matmul_into(
-                        &mut p,
-                        MatView::rows(qh, t, d),
-                        kh.t(),
-                        g.scale,
-                        false,
-                        false,
-                    );
-                    // dP = dO Vᵀ
-                    matmul_into(&mut ds, MatView::rows(dyh, t, d), vh.t(), 1.0, false, false);
-                    simd(
-                        #[inline(always)]
-                        || {
-                            for i in 0..t {
-                                let prow = &mut p[i * s..][..s];
-                                let drow = &mut ds[i * s..][..s];
-                                let delta = dot_f32(&dyh[i * d..][..d], &oh[i * d..][..d]) as f32;
-                                for j in 0..s {
-                                    let pij = if g.allowed(bi, i, j) {
-                                        exp_f32(prow[j] - lse[i])
-                                    } else {
-                                        0.0
-                                    };
-                                    prow[j] = pij;
-                                    drow[j] = pij * (drow[j] - delta);
+                    for blk in g.blocks(bi) {
+                        let (i0, nb, lo, w) = (blk.i0, blk.rows, blk.lo, blk.width);
+                        let (p, ds) = (&mut p[..nb * w], &mut ds[..nb * w]);
+                        let (qb, dyb) = (&qh[i0 * d..][..nb * d], &dyh[i0 * d..][..nb * d]);
+                        let (kb, vb) = (&kh[lo * d..][..w * d], &vh[lo * d..][..w * d]);
+                        // P = exp(scale · Q Kᵀ - lse), masked entries exactly 0.
+                        matmul_into(
+                            p,
+                            MatView::rows(qb, nb, d),
+                            MatView::rows(kb, w, d).t(),
+                            g.scale,
+                            false,
+                            false,
+                        );
+                        // dP = dO Vᵀ
+                        matmul_into(
+                            ds,
+                            MatView::rows(dyb, nb, d),
+                            MatView::rows(vb, w, d).t(),
+                            1.0,
+                            false,
+                            false,
+                        );
+                        simd(
+                            #[inline(always)]
+                            || {
+                                for ii in 0..nb {
+                                    let i = i0 + ii;
+                                    let prow = &mut p[ii * w..][..w];
+                                    let drow = &mut ds[ii * w..][..w];
+                                    let delta =
+                                        dot_f32(&dyh[i * d..][..d], &oh[i * d..][..d]) as f32;
+                                    for jj in 0..w {
+                                        let pij = if g.allowed(bi, i, lo + jj) {
+                                            exp_f32(prow[jj] - lse[i])
+                                        } else {
+                                            0.0
+                                        };
+                                        prow[jj] = pij;
+                                        drow[jj] = pij * (drow[jj] - delta);
+                                    }
                                 }
-                            }
-                        },
-                    );
-                    let (pm, dsm) = (MatView::rows(&p, t, s), MatView::rows(&ds, t, s));
-                    matmul_into(dq, dsm, kh, g.scale, false, false);
-                    matmul_into(dk, dsm.t(), MatView::rows(qh, t, d), g.scale, true, false);
-                    matmul_into(dv, pm.t(), MatView::rows(dyh, t, d), 1.0, true, false);
+                            },
+                        );
+                        let (pm, dsm) = (MatView::rows(p, nb, w), MatView::rows(ds, nb, w));
+                        let kbm = MatView::rows(kb, w, d);
+                        matmul_into(&mut dq[i0 * d..][..nb * d], dsm, kbm, g.scale, false, false);
+                        matmul_into(
+                            &mut dk[lo * d..][..w * d],
+                            dsm.t(),
+                            MatView::rows(qb, nb, d),
+                            g.scale,
+                            true,
+                            false,
+                        );
+                        matmul_into(
+                            &mut dv[lo * d..][..w * d],
+                            pm.t(),
+                            MatView::rows(dyb, nb, d),
+                            1.0,
+                            true,
+                            false,
+                        );
+                    }
                 }
             });
         Ok((CpuStorage::F32(packed), Shape::from(nq + 2 * nk)))
@@ -367,6 +455,23 @@ mod tests {
         )?;
         compare([2, 4, 5, 8], 2, 7, Some(&mask), 2, "gqa+mask+offset")?;
         compare([1, 3, 6, 4], 3, 6, None, 0, "mha square")?;
+        Ok(())
+    }
+
+    #[test]
+    fn query_blocks_match_reference() -> Result<()> {
+        // Several query blocks (t > QUERY_BLOCK, last one partial): right padding on the
+        // first sequence, left padding on the second, a third with every key padding.
+        let (t, off) = (2 * QUERY_BLOCK + 11, 9);
+        let s = t + off;
+        let mut m = vec![0f32; 3 * s];
+        for j in 0..s {
+            m[j] = (j < s - 40) as u8 as f32;
+            m[s + j] = (j >= 70) as u8 as f32;
+        }
+        let mask = Tensor::from_vec(m, (3, s), &Device::Cpu)?;
+        compare([3, 4, t, 8], 2, s, Some(&mask), off, "blocks+mask+offset")?;
+        compare([1, 2, t, 4], 1, t, None, 0, "blocks causal square")?;
         Ok(())
     }
 
