@@ -486,8 +486,10 @@ unsafe impl Sync for OutPtr {}
 /// dot product of two contiguous vectors. This is the decoding step's shape (a handful of new
 /// tokens against every weight), where a GEMM's packing of the weight costs as much as the
 /// product: here each weight column is read once, straight from memory, against all rows of
-/// `a` held in cache, in register blocks of 4 rows × 2 columns. The columns are split over the
-/// rayon pool when `parallel`. Each element is one sum in a fixed order (8 lanes, then a fixed
+/// `a` held in cache, in register blocks of 4 rows × 2 columns of 8 lanes (AVX2) or 8 rows × 2
+/// columns of 16 lanes (AVX-512, where the CPU has it; `LORA_DASH_SIMD=avx2` keeps the AVX2
+/// kernel). The columns are split over the
+/// rayon pool when `parallel`. Each element is one sum in a fixed order (the lanes, then a fixed
 /// fold), so the result does not depend on the thread count. Only called when
 /// [`skinny_enabled`] (the CPU has AVX2 and FMA).
 #[cfg(target_arch = "x86_64")]
@@ -499,13 +501,35 @@ fn skinny_matmul(
     accumulate: bool,
     parallel: bool,
 ) {
+    let wide = simd_level() == SimdLevel::Avx512;
+    skinny_matmul_with(dst, a, b, alpha, accumulate, parallel, wide);
+}
+
+/// [`skinny_matmul`] on the AVX-512 kernel (`wide`, only where the CPU has AVX-512F) or the
+/// AVX2 one.
+#[cfg(target_arch = "x86_64")]
+fn skinny_matmul_with(
+    dst: &mut [f32],
+    a: MatView,
+    b: MatView,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+    wide: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     debug_assert!(m <= SKINNY_MAX_ROWS);
     let out = OutPtr(dst.as_mut_ptr());
     // SAFETY: tasks get disjoint column ranges [j0, j1) of dst (m × n, row-major, length
     // ≥ m·n checked by the caller); a and b are in bounds (checked by the caller for the last
-    // element each view touches); the caller checked AVX2 and FMA.
-    let run = |j0: usize, j1: usize| unsafe { skinny_cols(out, a, b, alpha, accumulate, j0, j1) };
+    // element each view touches); the caller checked AVX2 and FMA, and AVX-512F for `wide`.
+    let run = |j0: usize, j1: usize| unsafe {
+        if wide {
+            skinny_cols512(out, a, b, alpha, accumulate, j0, j1)
+        } else {
+            skinny_cols(out, a, b, alpha, accumulate, j0, j1)
+        }
+    };
     let threads = rayon::current_num_threads();
     // About 64 KiB of b per task, at least 2 tasks per thread where n allows.
     let per_task = (16384 / k.max(1)).clamp(2, n.div_ceil(2 * threads).max(2));
@@ -517,6 +541,115 @@ fn skinny_matmul(
         });
     } else {
         run(0, n);
+    }
+}
+
+/// Columns `[j0, j1)` of [`skinny_matmul`] on AVX-512: register blocks of up to 8 rows × 2
+/// columns of 16-lane accumulators, the tail of `k` as masked loads (masked-off lanes read
+/// nothing), each accumulator folded with a fixed reduction at the end.
+///
+/// # Safety
+/// As [`skinny_cols`], and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn skinny_cols512(
+    out: OutPtr,
+    a: MatView,
+    b: MatView,
+    alpha: f32,
+    accumulate: bool,
+    j0: usize,
+    j1: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let base_a = a.data.as_ptr();
+    let base_b = b.data.as_ptr();
+    let mut j = j0;
+    while j < j1 {
+        let jb = (j1 - j).min(2);
+        let cols = [base_b.add(j * b.cs), base_b.add((j + jb - 1) * b.cs)];
+        let mut r = 0;
+        while r < m {
+            let rb = (m - r).min(8);
+            let mut rows = [base_a.add(r * a.rs); 8];
+            for (i, p) in rows.iter_mut().enumerate().take(rb) {
+                *p = base_a.add((r + i) * a.rs);
+            }
+            let mut acc = [[0f32; 2]; 8];
+            macro_rules! block {
+                ($($r:literal),*) => {
+                    match (rb, jb) {
+                        $(($r, 2) => dots512::<$r, 2>(&mut acc, &rows, &cols, k),
+                          ($r, _) => dots512::<$r, 1>(&mut acc, &rows, &cols, k),)*
+                        _ => unreachable!("row block of {rb}"),
+                    }
+                };
+            }
+            block!(1, 2, 3, 4, 5, 6, 7, 8);
+            for (i, acc_row) in acc.iter().enumerate().take(rb) {
+                for (c, &v) in acc_row.iter().enumerate().take(jb) {
+                    let d = out.0.add((r + i) * n + j + c);
+                    *d = if accumulate {
+                        *d + alpha * v
+                    } else {
+                        alpha * v
+                    };
+                }
+            }
+            r += rb;
+        }
+        j += jb;
+    }
+}
+
+/// `acc[i][c] = rows[i][..k] · cols[c][..k]` for `R` rows and `C` columns: `R × C` AVX-512
+/// accumulators of 16 lanes, the last partial chunk loaded under a mask.
+///
+/// # Safety
+/// The CPU has AVX-512F; `rows[..R]` and `cols[..C]` each address `k` readable floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots512<const R: usize, const C: usize>(
+    acc: &mut [[f32; 2]; 8],
+    rows: &[*const f32; 8],
+    cols: &[*const f32; 2],
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    const W: usize = 16;
+    let body = k / W * W;
+    let mut lanes = [[_mm512_setzero_ps(); C]; R];
+    let mut p = 0;
+    while p < body {
+        let mut wv = [_mm512_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = _mm512_loadu_ps(cols[c].add(p));
+        }
+        for i in 0..R {
+            let xv = _mm512_loadu_ps(rows[i].add(p));
+            for c in 0..C {
+                lanes[i][c] = _mm512_fmadd_ps(xv, wv[c], lanes[i][c]);
+            }
+        }
+        p += W;
+    }
+    if body < k {
+        let mask = ((1u32 << (k - body)) - 1) as __mmask16;
+        let mut wv = [_mm512_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = _mm512_maskz_loadu_ps(mask, cols[c].add(body));
+        }
+        for i in 0..R {
+            let xv = _mm512_maskz_loadu_ps(mask, rows[i].add(body));
+            for c in 0..C {
+                lanes[i][c] = _mm512_fmadd_ps(xv, wv[c], lanes[i][c]);
+            }
+        }
+    }
+    for i in 0..R {
+        for c in 0..C {
+            acc[i][c] = _mm512_reduce_add_ps(lanes[i][c]);
+        }
     }
 }
 
@@ -1131,12 +1264,15 @@ mod tests {
                     cs: b_cs,
                 };
                 let start: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
-                for accumulate in [false, true] {
+                for (accumulate, wide) in [(false, false), (true, false), (false, true), (true, true)] {
+                    if wide && !std::is_x86_feature_detected!("avx512f") {
+                        continue;
+                    }
                     let mut got = start.clone();
-                    skinny_matmul(&mut got, av, bv, 0.75, accumulate, true);
+                    skinny_matmul_with(&mut got, av, bv, 0.75, accumulate, true, wide);
                     let mut seq = start.clone();
-                    skinny_matmul(&mut seq, av, bv, 0.75, accumulate, false);
-                    assert_eq!(got, seq, "m={m} k={k} n={n}: threads change the result");
+                    skinny_matmul_with(&mut seq, av, bv, 0.75, accumulate, false, wide);
+                    assert_eq!(got, seq, "m={m} k={k} n={n} wide={wide}: threads change the result");
                     for r in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k)
@@ -1152,7 +1288,7 @@ mod tests {
                             let g = got[r * n + j] as f64;
                             assert!(
                                 (g - want).abs() <= tol,
-                                "m={m} k={k} n={n} ({r},{j}): {g} vs {want}"
+                                "m={m} k={k} n={n} wide={wide} ({r},{j}): {g} vs {want}"
                             );
                         }
                     }
