@@ -6,6 +6,8 @@
     summarize.py --one RUN    # one run's score, for the progress line
     summarize.py --dash OUT   # how far each LoRA-Dash run's predictions are from its LoRA twin
                               # (runs named dash or dashlrN)
+    summarize.py --dash-c RUN # a LoRA-Dash run's dash coefficients as JSON (the run's
+                              # dash_c.json, which --dash reads where the adapter is not kept)
 
 Scores are the task's GLUE metric on the dev file (QNLI: the held-out split), in percent:
 CoLA Matthews correlation, STS-B Pearson, accuracy otherwise. Trainable parameters are read
@@ -76,15 +78,19 @@ def runs(out: Path):
             "task": task, "rank": r, "method": method, "seed": seed,
             "score": score(ev, task),
             "params": params(ev.parent / (run.name + ".log"), method, s),
-            "wall": float(wall.read_text()) if wall.exists() else None,
+            # A run that shared the machine (a note in wall_shared says with what) has no
+            # wall time worth comparing.
+            "wall": float(wall.read_text()) if wall.exists() and not (ev / "wall_shared").exists() else None,
         }
 
 
 def dash_coefficients(run: Path):
-    """All `dash_c` values of a LoRA-Dash run's adapter (safetensors, F32), read without numpy."""
+    """All `dash_c` values of a LoRA-Dash run's adapter (safetensors, F32), read without numpy;
+    where only the run's small files were kept, from its `dash_c.json` (`--dash-c RUN`)."""
     f = run / "dash_adapter.safetensors"
     if not f.exists():
-        return []
+        kept = run / "dash_c.json"
+        return json.loads(kept.read_text()) if kept.exists() else []
     raw = f.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
@@ -155,6 +161,9 @@ def main():
         return
     if sys.argv[1] == "--dash":
         dash_vs_lora(Path(sys.argv[2]))
+        return
+    if sys.argv[1] == "--dash-c":
+        print(json.dumps(dash_coefficients(Path(sys.argv[2]))))
         return
     rows, seen = [], {}
     for out in map(Path, sys.argv[1:]):
