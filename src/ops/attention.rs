@@ -139,7 +139,9 @@ impl Geometry {
         (0..self.t).step_by(QUERY_BLOCK).filter_map(move |i0| {
             let rows = QUERY_BLOCK.min(self.t - i0);
             let end = hi.min(self.q_offset + i0 + rows);
-            (end > lo).then_some(Block {
+            // `then`, not `then_some`: the width must not be computed for a block that sees
+            // no key (end ≤ lo).
+            (end > lo).then(|| Block {
                 i0,
                 rows,
                 lo,
