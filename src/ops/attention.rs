@@ -132,7 +132,10 @@ impl Geometry {
                 let row = &k[bi * self.s..][..self.s];
                 match row.iter().position(|&x| x) {
                     None => (0, 0),
-                    Some(first) => (first, self.s - row.iter().rev().position(|&x| x).unwrap_or(0)),
+                    Some(first) => (
+                        first,
+                        self.s - row.iter().rev().position(|&x| x).unwrap_or(0),
+                    ),
                 }
             }
         };

@@ -1264,7 +1264,9 @@ mod tests {
                     cs: b_cs,
                 };
                 let start: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
-                for (accumulate, wide) in [(false, false), (true, false), (false, true), (true, true)] {
+                for (accumulate, wide) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
                     if wide && !std::is_x86_feature_detected!("avx512f") {
                         continue;
                     }
@@ -1272,7 +1274,10 @@ mod tests {
                     skinny_matmul_with(&mut got, av, bv, 0.75, accumulate, true, wide);
                     let mut seq = start.clone();
                     skinny_matmul_with(&mut seq, av, bv, 0.75, accumulate, false, wide);
-                    assert_eq!(got, seq, "m={m} k={k} n={n} wide={wide}: threads change the result");
+                    assert_eq!(
+                        got, seq,
+                        "m={m} k={k} n={n} wide={wide}: threads change the result"
+                    );
                     for r in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k)
