@@ -523,13 +523,8 @@ fn skinny_matmul_with(
     // SAFETY: tasks get disjoint column ranges [j0, j1) of dst (m × n, row-major, length
     // ≥ m·n checked by the caller); a and b are in bounds (checked by the caller for the last
     // element each view touches); the caller checked AVX2 and FMA, and AVX-512F for `wide`.
-    let run = |j0: usize, j1: usize| unsafe {
-        if wide {
-            skinny_cols512(out, a, b, alpha, accumulate, j0, j1)
-        } else {
-            skinny_cols(out, a, b, alpha, accumulate, j0, j1)
-        }
-    };
+    let run =
+        |j0: usize, j1: usize| unsafe { skinny_cols(out, a, b, alpha, accumulate, j0, j1, wide) };
     let threads = rayon::current_num_threads();
     // About 64 KiB of b per task, at least 2 tasks per thread where n allows.
     let per_task = (16384 / k.max(1)).clamp(2, n.div_ceil(2 * threads).max(2));
@@ -541,64 +536,6 @@ fn skinny_matmul_with(
         });
     } else {
         run(0, n);
-    }
-}
-
-/// Columns `[j0, j1)` of [`skinny_matmul`] on AVX-512: register blocks of up to 8 rows × 2
-/// columns of 16-lane accumulators, the tail of `k` as masked loads (masked-off lanes read
-/// nothing), each accumulator folded with a fixed reduction at the end.
-///
-/// # Safety
-/// As [`skinny_cols`], and the CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn skinny_cols512(
-    out: OutPtr,
-    a: MatView,
-    b: MatView,
-    alpha: f32,
-    accumulate: bool,
-    j0: usize,
-    j1: usize,
-) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let base_a = a.data.as_ptr();
-    let base_b = b.data.as_ptr();
-    let mut j = j0;
-    while j < j1 {
-        let jb = (j1 - j).min(2);
-        let cols = [base_b.add(j * b.cs), base_b.add((j + jb - 1) * b.cs)];
-        let mut r = 0;
-        while r < m {
-            let rb = (m - r).min(8);
-            let mut rows = [base_a.add(r * a.rs); 8];
-            for (i, p) in rows.iter_mut().enumerate().take(rb) {
-                *p = base_a.add((r + i) * a.rs);
-            }
-            let mut acc = [[0f32; 2]; 8];
-            macro_rules! block {
-                ($($r:literal),*) => {
-                    match (rb, jb) {
-                        $(($r, 2) => dots512::<$r, 2>(&mut acc, &rows, &cols, k),
-                          ($r, _) => dots512::<$r, 1>(&mut acc, &rows, &cols, k),)*
-                        _ => unreachable!("row block of {rb}"),
-                    }
-                };
-            }
-            block!(1, 2, 3, 4, 5, 6, 7, 8);
-            for (i, acc_row) in acc.iter().enumerate().take(rb) {
-                for (c, &v) in acc_row.iter().enumerate().take(jb) {
-                    let d = out.0.add((r + i) * n + j + c);
-                    *d = if accumulate {
-                        *d + alpha * v
-                    } else {
-                        alpha * v
-                    };
-                }
-            }
-            r += rb;
-        }
-        j += jb;
     }
 }
 
@@ -653,13 +590,16 @@ unsafe fn dots512<const R: usize, const C: usize>(
     }
 }
 
-/// Columns `[j0, j1)` of [`skinny_matmul`].
+/// Columns `[j0, j1)` of [`skinny_matmul`]: column pairs, each against row blocks of up to 8
+/// rows on the AVX-512 kernel ([`dots512`], when `wide`) or 4 on the AVX2 one ([`dots`]).
 ///
 /// # Safety
 /// `out` addresses a row-major `a.rows × b.cols` buffer that no one else writes in these
-/// columns; `a.cs == 1`, `b.rs == 1` and both views are in bounds; the CPU has AVX2 and FMA.
+/// columns; `a.cs == 1`, `b.rs == 1` and both views are in bounds; the CPU has AVX2 and FMA,
+/// and AVX-512F when `wide`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn skinny_cols(
     out: OutPtr,
     a: MatView,
@@ -668,26 +608,46 @@ unsafe fn skinny_cols(
     accumulate: bool,
     j0: usize,
     j1: usize,
+    wide: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let row = |r: usize| &a.data[r * a.rs..r * a.rs + k];
     let col = |j: usize| &b.data[j * b.cs..j * b.cs + k];
+    let block_rows = if wide { 8 } else { 4 };
     let mut j = j0;
     while j < j1 {
         let jb = (j1 - j).min(2);
         let mut r = 0;
         while r < m {
-            let rb = (m - r).min(4);
-            let mut acc = [[0f32; 2]; 4];
-            match (rb, jb) {
-                (4, 2) => dots::<4, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                (3, 2) => dots::<3, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                (2, 2) => dots::<2, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                (1, 2) => dots::<1, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                (4, _) => dots::<4, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                (3, _) => dots::<3, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                (2, _) => dots::<2, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
-                _ => dots::<1, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+            let rb = (m - r).min(block_rows);
+            let mut acc = [[0f32; 2]; 8];
+            if wide {
+                let cols = [col(j).as_ptr(), col(j + jb - 1).as_ptr()];
+                let mut rows = [row(r).as_ptr(); 8];
+                for (i, p) in rows.iter_mut().enumerate().take(rb) {
+                    *p = row(r + i).as_ptr();
+                }
+                macro_rules! block {
+                    ($($r:literal),*) => {
+                        match (rb, jb) {
+                            $(($r, 2) => dots512::<$r, 2>(&mut acc, &rows, &cols, k),
+                              ($r, _) => dots512::<$r, 1>(&mut acc, &rows, &cols, k),)*
+                            _ => unreachable!("row block of {rb}"),
+                        }
+                    };
+                }
+                block!(1, 2, 3, 4, 5, 6, 7, 8);
+            } else {
+                match (rb, jb) {
+                    (4, 2) => dots::<4, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    (3, 2) => dots::<3, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    (2, 2) => dots::<2, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    (1, 2) => dots::<1, 2>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    (4, _) => dots::<4, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    (3, _) => dots::<3, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    (2, _) => dots::<2, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                    _ => dots::<1, 1>(&mut acc, |i| row(r + i), |c| col(j + c)),
+                }
             }
             for (i, acc_row) in acc.iter().enumerate().take(rb) {
                 for (c, &v) in acc_row.iter().enumerate().take(jb) {
@@ -714,7 +674,7 @@ unsafe fn skinny_cols(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots<'a, const R: usize, const C: usize>(
-    acc: &mut [[f32; 2]; 4],
+    acc: &mut [[f32; 2]; 8],
     rows: impl Fn(usize) -> &'a [f32],
     cols: impl Fn(usize) -> &'a [f32],
 ) {
